@@ -1,0 +1,6 @@
+"""`python -m noisepo` (what `accelerate launch -m noisepo` runs)."""
+import sys
+
+from noisepo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: SFT and the one PreferenceTrainer (configs in `noisepo.training.config`)."""

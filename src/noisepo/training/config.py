@@ -1,0 +1,104 @@
+"""Config dataclasses of the training commands (`noisepo sft`, `noisepo train`).
+
+Torch-free on purpose: `noisepo --help` imports every config module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from noisepo.config import option
+from noisepo.errors import ConfigError
+
+LossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "ropo"]
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(message, key=key)
+
+
+@dataclass
+class ModelOptions:
+    model: str = option("tiny", "A local model folder, a Hugging Face hub name, or a preset built "
+                                "offline from a config: micro (tests), tiny (~1M params, demo), small (~5M).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype when loading.")
+    trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
+
+
+@dataclass
+class TrainingOptions(ModelOptions):
+    """What every training command shares; maps onto transformers.TrainingArguments."""
+
+    data: str = option("", "Training data: .jsonl, .json, .parquet, a datasets save_to_disk folder, "
+                           "or a hub dataset name.")
+    output: str = option("", "Output folder (checkpoints, final model, logs, metrics.json).")
+    max_length: int = option(512, "Maximum tokens of prompt + response; prompts are cut from the left, "
+                                  "then responses from the right.")
+    learning_rate: float = option(1e-4, "Peak learning rate (AdamW).")
+    epochs: float = option(1.0, "Training epochs (ignored when max_steps > 0).")
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = option(8, "Per-device batch size.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    lr_scheduler: str = option("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = option(0.03, "Fraction of steps used for linear warm-up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    seed: int = option(0, "Random seed (model init for presets, data order, dropout).")
+    logging_steps: int = option(10, "Log metrics every N steps.")
+    save_steps: int = option(500, "Checkpoint every N steps (resumable with --resume).")
+    save_total_limit: int = option(2, "Keep at most this many checkpoints.")
+    report_to: list[str] = option(default_factory=lambda: ["tensorboard"],
+                                  help="Loggers for metrics: tensorboard (in OUTPUT/logs), wandb, none, ...")
+    resume: bool = option(False, "Resume from the latest checkpoint in OUTPUT.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory.")
+    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
+    lora: bool = option(False, "Train LoRA adapters through PEFT (extra 'peft') instead of all weights.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = option(default_factory=lambda: ["all-linear"],
+                                            help="Modules that get adapters (PEFT names).")
+
+    def __post_init__(self):
+        check(bool(self.data), "data", "is required (a data file, folder or hub name)")
+        check(bool(self.output), "output", "is required (an output folder)")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+        check(self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps > 0")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+
+
+@dataclass
+class SFTConfig(TrainingOptions):
+    """`noisepo sft`: supervised fine-tuning with the loss on response tokens only."""
+
+    task: str | None = option("addition", "Task whose verifier scores the greedy evaluation: a built-in "
+                                          "name (addition) or an import path (mypkg.mod:Task); null: none.")
+    eval_data: str | None = option(None, "Held-out prompts with an `answer` column for the greedy "
+                                         "exact-match evaluation (none: skip the evaluation).")
+    eval_max_new_tokens: int = option(32, "Maximum new tokens in the greedy evaluation.")
+    eval_limit: int = option(1000, "Evaluate at most this many held-out prompts.")
+
+
+@dataclass
+class TrainConfig(TrainingOptions):
+    """`noisepo train`: preference training with one loss (METHODS §2)."""
+
+    loss: LossName = option("dpo", "Pairwise loss: dpo, cdpo, rdpo, ipo, hinge, ropo.")
+    beta: float = option(0.1, "β: scale of the log-ratio margin.")
+    label_smoothing: float = option(0.0, "ε of cdpo and rdpo, in [0, 0.5).")
+    alpha: float = option(14.0, "α of the ROPO loss (> 2 recommended).")
+    reference: Literal["precompute", "model"] = option(
+        "precompute", "precompute: one no-grad pass of the reference before training, stored per pair; "
+                      "model: keep a frozen reference copy in memory.")
+    reference_model: str | None = option(None, "Reference model (default: the initial policy).")
+    learning_rate: float = option(5e-6, "Peak learning rate (AdamW).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
