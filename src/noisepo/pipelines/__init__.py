@@ -1,0 +1,1 @@
+"""The loops (SPIN/DNPO, ROPO) as plain functions over resumable stages."""
