@@ -1,0 +1,57 @@
+"""ROPO's filter and rejection-sampling choice (METHODS §5.1-5.2), as pure functions.
+
+For a fixed model the optimal weights of ROPO's constrained problem keep the (1−ρ)N pairs with the
+smallest ℓ_ropo and discard the rest, so filtering is a sort. Rejection sampling refills a discarded
+prompt with the (highest, lowest) implicit-reward candidates: ℓ_ropo falls as the margin grows, so
+this is the candidate pair of smallest ℓ_ropo.
+"""
+from __future__ import annotations
+
+import math
+
+
+def kept_count(total: int, rho: float) -> int:
+    """How many pairs are kept: round((1−ρ)·N), at least 1 when N > 0."""
+    if not 0 <= rho < 1:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    return min(total, max(1 if total else 0, round((1 - rho) * total)))
+
+
+def select_kept(losses: list[float], rho: float) -> list[bool]:
+    """keep[i] is True for the (1−ρ)N lowest losses; ties break by index (deterministic).
+
+    A NaN loss sorts last (it is discarded first): a pair the model cannot score is not credible.
+    """
+    order = sorted(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i], i))
+    keep = [False] * len(losses)
+    for i in order[:kept_count(len(losses), rho)]:
+        keep[i] = True
+    return keep
+
+
+def filter_quality(kept: list[bool], flipped: list[bool]) -> dict:
+    """Precision and recall of the discarded set at catching truly flipped pairs."""
+    discarded_flipped = sum(1 for k, f in zip(kept, flipped, strict=True) if not k and f)
+    discarded = sum(1 for k in kept if not k)
+    total_flipped = sum(1 for f in flipped if f)
+    return {
+        "discarded": discarded,
+        "flipped_total": total_flipped,
+        "discarded_flipped": discarded_flipped,
+        "filter_precision": discarded_flipped / discarded if discarded else None,
+        "filter_recall": discarded_flipped / total_flipped if total_flipped else None,
+    }
+
+
+def best_worst_pair(candidates: list[str], rewards: list[float]) -> tuple[int, int] | None:
+    """Indices (chosen, rejected) of the highest and lowest reward; None when their texts are equal.
+
+    Ties resolve to the earliest candidate, so the originals (listed first) win ties.
+    """
+    if len(candidates) != len(rewards) or not candidates:
+        raise ValueError("one reward per candidate, at least one candidate")
+    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
+    if candidates[best] == candidates[worst]:
+        return None
+    return best, worst
