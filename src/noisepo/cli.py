@@ -113,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         group = getattr(args, "_group", None)
         (group or parser).print_help()
         return 0 if args.command is None else 2
+    name = " ".join(filter(None, [args.command, getattr(args, "subcommand", None)]))
     try:
         config = config_from_namespace(_load(entry.config), args)
         status = _load(entry.run)(config)
     except NoisepoError as err:
-        print(f"noisepo {args.command}: error: {err}", file=sys.stderr)
+        print(f"noisepo {name}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"noisepo {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        print(f"noisepo {name}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     return int(status or 0)
 

@@ -239,8 +239,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, with_config_fi
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
+            metavar = meta.get("metavar") or (None if choices else _metavar(base))
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text,
-                                metavar=meta.get("metavar") or _metavar(base), choices=choices)
+                                metavar=metavar, choices=choices)
 
 
 def _metavar(base) -> str:
