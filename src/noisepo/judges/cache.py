@@ -1,0 +1,124 @@
+"""A persistent score cache (SQLite) that wraps any scorer.
+
+Key: SHA-256 of (scorer identity, prompt, response). Every successful score is committed in its
+own transaction the moment it arrives (WAL journal), so after a crash or a kill a rerun repeats no
+request that had succeeded. Failures (None) are never cached: a rerun tries them again.
+Safe to share between threads of one process and between processes (SQLite locking).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from noisepo.judges.base import Item, Scorer
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
+    key TEXT PRIMARY KEY,
+    score REAL NOT NULL,
+    identity TEXT NOT NULL,
+    created REAL NOT NULL
+)"""
+
+
+def cache_key(identity: str, prompt: str, response: str) -> str:
+    # JSON framing keeps ("ab", "c") and ("a", "bc") apart.
+    return hashlib.sha256(json.dumps([identity, prompt, response]).encode("utf-8")).hexdigest()
+
+
+class ScoreCache:
+    """key -> score in one SQLite file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
+                                     isolation_level=None)  # autocommit; transactions are explicit
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(_SCHEMA)
+
+    def get_many(self, keys: list[str]) -> dict[str, float]:
+        found: dict[str, float] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(f"SELECT key, score FROM scores WHERE key IN ({marks})", chunk)
+                found.update(rows.fetchall())
+        return found
+
+    def put(self, key: str, score: float, identity: str) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
+                                   (key, float(score), identity, time.time()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class CachedScorer:
+    """`Scorer` that answers from the cache and sends only the misses to `scorer`.
+
+    Identical items within one call are scored once. Scorers without `score_stream` are called in
+    chunks of `chunk_size` misses, committing after each chunk.
+    """
+
+    def __init__(self, scorer: Scorer, path, *, chunk_size: int = 64):
+        self.scorer = scorer
+        self.identity = scorer.identity
+        self.cache = ScoreCache(path)
+        self.chunk_size = chunk_size
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return f"CachedScorer({self.scorer!r}, path={str(self.cache.path)!r})"
+
+    def score(self, items: list[Item]) -> list[float | None]:
+        keys = [cache_key(self.identity, prompt, response) for prompt, response in items]
+        known: dict[str, float | None] = dict(self.cache.get_many(sorted(set(keys))))
+        self.hits += sum(1 for k in keys if k in known)
+        todo: dict[str, Item] = {}
+        for key, item in zip(keys, items, strict=True):
+            if key not in known:
+                todo.setdefault(key, item)
+        self.misses += len(todo)
+        for key, value in self._score_misses(list(todo.items())):
+            known[key] = value
+            if value is not None and math.isfinite(value):
+                self.cache.put(key, value, self.identity)
+        return [known.get(k) for k in keys]
+
+    def _score_misses(self, todo: list[tuple[str, Item]]) -> Iterator[tuple[str, float | None]]:
+        if not todo:
+            return
+        items = [item for _, item in todo]
+        stream = getattr(self.scorer, "score_stream", None)
+        if stream is not None:
+            for index, value in stream(items):
+                yield todo[index][0], value
+            return
+        for start in range(0, len(todo), self.chunk_size):
+            values = self.scorer.score(items[start:start + self.chunk_size])
+            for (key, _), value in zip(todo[start:start + self.chunk_size], values, strict=True):
+                yield key, value
+
+    def close(self) -> None:
+        self.cache.close()

@@ -1,0 +1,78 @@
+"""The SQLite score cache: a rerun repeats no finished call; failures are retried."""
+from __future__ import annotations
+
+import pytest
+
+from noisepo.judges.cache import CachedScorer, cache_key
+
+
+class CountingScorer:
+    """Scores len(response); responses starting with "fail" fail; "boom" raises."""
+
+    def __init__(self, identity="count|v1"):
+        self.identity = identity
+        self.seen: list[tuple[str, str]] = []
+
+    def score(self, items):
+        self.seen.extend(items)
+        out = []
+        for _, response in items:
+            if response == "boom":
+                raise RuntimeError("crash")
+            out.append(None if response.startswith("fail") else float(len(response)))
+        return out
+
+
+class StreamingScorer(CountingScorer):
+    def score_stream(self, items):
+        for index, item in enumerate(items):
+            yield index, self.score([item])[0]
+
+
+def test_second_run_is_answered_from_the_cache(tmp_path):
+    items = [("p", "a"), ("p", "bb"), ("p", "fail-1"), ("q", "a"), ("p", "a")]
+    first = CountingScorer()
+    assert CachedScorer(first, tmp_path / "c.sqlite").score(items) == [1.0, 2.0, None, 1.0, 1.0]
+    assert len(first.seen) == 4  # the duplicate ("p", "a") was scored once
+    again = CountingScorer()
+    cached = CachedScorer(again, tmp_path / "c.sqlite")  # a new process would open it the same way
+    assert cached.score(items) == [1.0, 2.0, None, 1.0, 1.0]
+    assert again.seen == [("p", "fail-1")]  # only the failure is tried again
+    assert cached.hits == 4 and cached.misses == 1
+
+
+def test_identity_is_part_of_the_key(tmp_path):
+    CachedScorer(CountingScorer("judge-a"), tmp_path / "c.sqlite").score([("p", "abc")])
+    other = CountingScorer("judge-b")
+    CachedScorer(other, tmp_path / "c.sqlite").score([("p", "abc")])
+    assert other.seen == [("p", "abc")]
+    assert cache_key("i", "ab", "c") != cache_key("i", "a", "bc")
+
+
+@pytest.mark.parametrize("scorer_cls, chunk_size", [(StreamingScorer, 64), (CountingScorer, 2)])
+def test_scores_finished_before_a_crash_are_kept(tmp_path, scorer_cls, chunk_size):
+    items = [("p", "a"), ("p", "bb"), ("p", "ccc"), ("p", "boom"), ("p", "eeeee")]
+    with pytest.raises(RuntimeError):
+        CachedScorer(scorer_cls(), tmp_path / "c.sqlite", chunk_size=chunk_size).score(items)
+    rerun = scorer_cls()
+    fixed = [item if item[1] != "boom" else ("p", "dddd") for item in items]
+    assert CachedScorer(rerun, tmp_path / "c.sqlite").score(fixed) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    done_before = [("p", "a"), ("p", "bb")] if chunk_size == 2 else [("p", "a"), ("p", "bb"), ("p", "ccc")]
+    assert not set(done_before) & set(rerun.seen)
+
+
+def test_a_restart_sends_no_finished_request_to_the_server(judge_factory, fault_server, tmp_path):
+    items = [("q", "ok:10"), ("q", "ok:20"), ("q", "always500"), ("q", "chatter")]
+    path = tmp_path / "judge.sqlite"
+    assert CachedScorer(judge_factory(max_retries=0), path).score(items) == [10.0, 20.0, None, None]
+    hits_before = dict(fault_server.hits)
+    assert CachedScorer(judge_factory(max_retries=0), path).score(items) == [10.0, 20.0, None, None]
+    assert fault_server.hits["ok:10"] == hits_before["ok:10"] == 1
+    assert fault_server.hits["ok:20"] == 1
+    assert fault_server.hits["always500"] == 2 and fault_server.hits["chatter"] == 2  # failures retried
+
+
+def test_wal_mode(tmp_path):
+    cached = CachedScorer(CountingScorer(), tmp_path / "c.sqlite")
+    mode = cached.cache._conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
