@@ -75,12 +75,18 @@ class TrainingOptions(ModelOptions):
 class SFTConfig(TrainingOptions):
     """`noisepo sft`: supervised fine-tuning with the loss on response tokens only."""
 
-    task: str | None = option("addition", "Task whose verifier scores the greedy evaluation: a built-in "
-                                          "name (addition) or an import path (mypkg.mod:Task); null: none.")
-    eval_data: str | None = option(None, "Held-out prompts with an `answer` column for the greedy "
-                                         "exact-match evaluation (none: skip the evaluation).")
+    task: str | None = option(None, "Task whose verifier scores the greedy evaluation: a built-in name "
+                                    "(addition) or an import path (mypkg.mod:Task); none: exact match "
+                                    "with the eval data's `answer` column.")
+    eval_data: str | None = option(None, "Held-out prompts (with an `answer` column unless --task is "
+                                         "given) for the greedy exact-match evaluation; none: skip it.")
     eval_max_new_tokens: int = option(32, "Maximum new tokens in the greedy evaluation.")
     eval_limit: int = option(1000, "Evaluate at most this many held-out prompts.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
+        check(self.eval_limit >= 1, "eval_limit", f"must be >= 1, got {self.eval_limit}")
 
 
 @dataclass
@@ -96,6 +102,11 @@ class TrainConfig(TrainingOptions):
                       "model: keep a frozen reference copy in memory.")
     reference_model: str | None = option(None, "Reference model (default: the initial policy).")
     learning_rate: float = option(5e-6, "Peak learning rate (AdamW).")
+    group_by_length: bool = option(True, "Batch pairs of similar length (shuffled megabatches sorted by "
+                                         "length): less padding, faster steps.")
+    padding_free: bool = option(False, "Pack the sequences of a batch into rows without padding (position ids "
+                                       "restart per sequence): faster; needs a transformers-native model whose "
+                                       "attention honours packed position ids (Llama, Qwen, Mistral, ...).")
 
     def __post_init__(self):
         super().__post_init__()
