@@ -27,12 +27,10 @@ class ModelOptions:
 
 
 @dataclass
-class TrainingOptions(ModelOptions):
-    """What every training command shares; maps onto transformers.TrainingArguments."""
+class OptimOptions:
+    """How to train: what every training stage shares (commands and loops); maps onto
+    transformers.TrainingArguments. Loops nest it as `training:` (flags `--training.learning-rate`)."""
 
-    data: str = option("", "Training data: .jsonl, .json, .parquet, a datasets save_to_disk folder, "
-                           "or a hub dataset name.")
-    output: str = option("", "Output folder (checkpoints, final model, logs, metrics.json).")
     max_length: int = option(512, "Maximum tokens of prompt + response; prompts are cut from the left, "
                                   "then responses from the right.")
     learning_rate: float = option(1e-4, "Peak learning rate (AdamW).")
@@ -61,14 +59,26 @@ class TrainingOptions(ModelOptions):
                                             help="Modules that get adapters (PEFT names).")
 
     def __post_init__(self):
-        check(bool(self.data), "data", "is required (a data file, folder or hub name)")
-        check(bool(self.output), "output", "is required (an output folder)")
         check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps > 0")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+
+
+@dataclass
+class TrainingOptions(OptimOptions, ModelOptions):
+    """What every training command shares: a model, a data source, an output folder, and OptimOptions."""
+
+    data: str = option("", "Training data: .jsonl, .json, .parquet, a datasets save_to_disk folder, "
+                           "or a hub dataset name.")
+    output: str = option("", "Output folder (checkpoints, final model, logs, metrics.json).")
+
+    def __post_init__(self):
+        check(bool(self.data), "data", "is required (a data file, folder or hub name)")
+        check(bool(self.output), "output", "is required (an output folder)")
+        OptimOptions.__post_init__(self)
 
 
 @dataclass
