@@ -35,6 +35,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                      "Score the chosen and rejected responses of preference pairs with a scorer."),
     "serve": Command("noisepo.serve:ServeConfig", "noisepo.serve:run_serve",
                      "Serve a local model over an OpenAI-compatible chat API (extra 'serve')."),
+    "spin": Command("noisepo.pipelines.dnpo_config:SPINConfig", "noisepo.pipelines.dnpo:run_spin",
+                    "SPIN self-play iterations (DNPO with Dynamic Sample Labeling and NPO off)."),
+    "dnpo": Command("noisepo.pipelines.dnpo_config:DNPOConfig", "noisepo.pipelines.dnpo:run_dnpo",
+                    "DNPO: SPIN iteration 0, then iterations with Dynamic Sample Labeling and NPO."),
+    "ropo": Command("noisepo.pipelines.ropo_config:ROPOConfig", "noisepo.pipelines.ropo:run_ropo",
+                    "ROPO rounds: robust loss, noise filtering, rejection-sampling refills."),
     "demo": Command("noisepo.demo:DemoConfig", "noisepo.demo:run_demo",
                     "Run the embedded default end to end on the built-in task with a tiny model."),
     "data": {
@@ -46,7 +52,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 }
 
 # Names reserved for the loops and reports that later work adds (see the issues).
-PLANNED = ["spin", "dnpo", "ropo", "report"]
+PLANNED = ["report"]
 
 
 def _load(path: str):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from noisepo.judges.config import ScoreConfig
+    from noisepo.judges.config import ScorerOptions as ScoreConfig
 
 Item = tuple[str, str]
 

@@ -20,17 +20,13 @@ def check(condition: bool, key: str, message: str) -> None:
 
 
 @dataclass
-class ScoreConfig:
-    """`noisepo score`: add `chosen_score` and `rejected_score` to every preference pair."""
+class ScorerOptions:
+    """Which scorer and how to reach it (what `make_scorer` reads); the loops nest it (DNPO's `dsl:`)."""
 
     scorer: ScorerName = option("openai", "openai: an LLM judge over an OpenAI-compatible chat API; "
                                           "reward-model: a local sequence-classification model; "
                                           "verifier: a task verifier or pkg.mod:function; "
                                           "local-lm: a local causal LM prompted as a judge.")
-    data: str = option("", "Preference pairs (prompt, chosen, rejected): .jsonl, .json, .parquet, a "
-                           "datasets folder or a hub name.")
-    output: str = option("", "Output JSONL (written atomically): every input row and column, plus "
-                             "chosen_score and rejected_score (null where scoring failed).")
     # openai
     base_url: str | None = option(None, "openai: API base URL (e.g. http://127.0.0.1:8000/v1 for "
                                         "`noisepo serve` or vLLM); null: OpenAI's.")
@@ -54,15 +50,7 @@ class ScoreConfig:
     # verifier
     verifier: str | None = option(None, "verifier: a built-in task name (addition) or an import path "
                                         "pkg.mod:function with signature (prompt, response) -> float.")
-    # cache and data
-    cache: bool = option(True, "Keep every successful score in an SQLite cache, so a rerun after a "
-                               "crash repeats no finished request.")
-    cache_path: str | None = option(None, "Cache file (default: OUTPUT.cache.sqlite).")
-    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
-
     def __post_init__(self):
-        check(bool(self.data), "data", "is required (a preference data file, folder or hub name)")
-        check(bool(self.output), "output", "is required (an output .jsonl file)")
         check(self.max_concurrency >= 1, "max_concurrency", f"must be >= 1, got {self.max_concurrency}")
         check(math.isfinite(self.timeout) and self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")
         check(self.max_retries >= 0, "max_retries", f"must be >= 0, got {self.max_retries}")
@@ -74,6 +62,26 @@ class ScoreConfig:
         if self.scorer == "verifier":
             check(bool(self.verifier), "verifier", "is required for the verifier scorer "
                                                    "(a task name or pkg.mod:function)")
+
+
+@dataclass
+class ScoreConfig(ScorerOptions):
+    """`noisepo score`: add `chosen_score` and `rejected_score` to every preference pair."""
+
+    data: str = option("", "Preference pairs (prompt, chosen, rejected): .jsonl, .json, .parquet, a "
+                           "datasets folder or a hub name.")
+    output: str = option("", "Output JSONL (written atomically): every input row and column, plus "
+                             "chosen_score and rejected_score (null where scoring failed).")
+    # cache and data
+    cache: bool = option(True, "Keep every successful score in an SQLite cache, so a rerun after a "
+                               "crash repeats no finished request.")
+    cache_path: str | None = option(None, "Cache file (default: OUTPUT.cache.sqlite).")
+    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
+
+    def __post_init__(self):
+        check(bool(self.data), "data", "is required (a preference data file, folder or hub name)")
+        check(bool(self.output), "output", "is required (an output .jsonl file)")
+        super().__post_init__()
 
     @property
     def resolved_cache_path(self) -> str | None:
