@@ -1,0 +1,574 @@
+"""`noisepo ropo`: ROPO's rounds (METHODS §5) as resumable stages over a run folder.
+
+    OUTPUT/reference/    the initial model's log-probs of every original pair (ROPO's reference in
+                         every round), and its greedy evaluation when a task or eval data is given
+    OUTPUT/round_<r>/    train -> score -> filter -> refill -> evaluate -> metrics
+
+Round r trains (one epoch by default) on the kept originals of round r−1 plus its refills (round 0:
+every pair), starting from round r−1's model; scores EVERY original pair with ℓ_ropo under the new
+model (forward only, eval mode, against the stored reference); keeps the (1−ρ)N lowest-loss pairs
+(weights w ∈ {0, 1}, the optimum of §5.1 for a fixed model); and refills each discarded prompt by
+rejection sampling (§5.2). Filtering is recomputed from the whole original set every round, so a
+pair dropped once can come back. Every stage writes its artifacts atomically and a marker last
+(`noisepo.pipelines.stages`), so a killed run resumes at the first unfinished stage.
+
+The baselines (`--loss dpo|cdpo|rdpo|ipo|hinge --no-filter`) run the same stages with every pair
+kept and no refills; pairs are still scored with ℓ_ropo, so the loss distributions can be compared.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from noisepo.errors import ConfigError, NoisepoError
+from noisepo.io import atomic_open, write_json_atomic, write_jsonl_atomic
+from noisepo.pipelines.filtering import best_worst_pair, filter_quality, select_kept
+from noisepo.pipelines.ropo_config import ROPOConfig
+from noisepo.pipelines.stages import RunFolder
+
+REFERENCE = "reference"
+HISTOGRAM_BINS = 20
+
+
+def round_folder(r: int) -> str:
+    return f"round_{r}"
+
+
+# --------------------------------------------------------------------------- pure pieces
+def ropo_scores(policy: list[dict], records: list[dict], *, beta: float, alpha: float) -> tuple[list[float], list[float]]:
+    """(ℓ_ropo, h) per pair from the policy's summed log-probs (`pair_logps` rows: chosen, rejected)
+    and the records' `reference_chosen_logps` / `reference_rejected_logps` (METHODS §2, §5.1)."""
+    import torch
+
+    from noisepo.losses import loss_function, margin
+
+    def column(rows, key):
+        return torch.tensor([float(row[key]) for row in rows], dtype=torch.float64)  # (N,)
+
+    logps = (column(policy, "chosen"), column(policy, "rejected"),
+             column(records, "reference_chosen_logps"), column(records, "reference_rejected_logps"))
+    losses = loss_function("ropo", beta=beta, alpha=alpha)(*logps)
+    return losses.tolist(), (beta * margin(*logps)).tolist()
+
+
+def loss_distribution(losses: list[float], kept: list[bool], flipped: list[bool] | None,
+                      bins: int = HISTOGRAM_BINS) -> dict:
+    """Histogram counts of ℓ_ropo over shared bin edges for all/kept/discarded pairs (and clean/flipped
+    when the true labels are known), with mean and median per group, and the AUROC of the loss at
+    telling flipped from clean pairs (P(loss of a flipped pair > loss of a clean one))."""
+    finite = [x for x in losses if math.isfinite(x)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    edges = [lo + (hi - lo) * k / bins for k in range(bins + 1)]
+    groups = {"all": losses, "kept": [x for x, k in zip(losses, kept) if k],
+              "discarded": [x for x, k in zip(losses, kept) if not k]}
+    if flipped is not None:
+        groups["clean"] = [x for x, f in zip(losses, flipped) if not f]
+        groups["flipped"] = [x for x, f in zip(losses, flipped) if f]
+
+    def counts(values):
+        out = [0] * bins
+        for x in values:
+            if math.isfinite(x):
+                out[min(bins - 1, int((x - lo) / (hi - lo) * bins))] += 1
+        return out
+
+    def stats(values):
+        ordered = sorted(x for x in values if math.isfinite(x))
+        if not ordered:
+            return {"n": len(values), "mean": None, "median": None}
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return {"n": len(values), "mean": sum(ordered) / len(ordered), "median": median}
+
+    result = {"bin_edges": edges, "counts": {name: counts(v) for name, v in groups.items()},
+              "stats": {name: stats(v) for name, v in groups.items()}, "auroc_flipped": None}
+    if flipped is not None and groups["clean"] and groups["flipped"]:
+        result["auroc_flipped"] = auroc(groups["flipped"], groups["clean"])
+    return result
+
+
+def auroc(positive: list[float], negative: list[float]) -> float:
+    """P(a random positive scores above a random negative), ties counted half (Mann-Whitney U)."""
+    ranked = sorted([(x, 1) for x in positive] + [(x, 0) for x in negative])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        average_rank = (i + j + 1) / 2  # 1-based ranks i+1..j share their mean
+        rank_sum += average_rank * sum(label for _, label in ranked[i:j])
+        i = j
+    n_pos, n_neg = len(positive), len(negative)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def prompt_key(prompt) -> str:
+    """A prompt's identity: its text, or its messages as canonical JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def discarded_groups(records: list[dict], kept: list[bool]) -> list[list[int]]:
+    """The discarded pairs grouped by prompt, in order of first appearance: one refill per group, so a
+    round never refills a prompt twice."""
+    groups: dict[str, list[int]] = {}
+    for i, keep in enumerate(kept):
+        if not keep:
+            groups.setdefault(prompt_key(records[i]["prompt"]), []).append(i)
+    return list(groups.values())
+
+
+def candidates_of(records: list[dict], group: list[int], samples: list[str]) -> tuple[list[str], list[str]]:
+    """(texts, sources) of a discarded prompt's candidates: the original responses first (they win
+    ties), then the non-empty samples; duplicate texts appear once."""
+    from noisepo.data.chat import response_text
+
+    texts, sources = [], []
+    for i in group:
+        for side in ("chosen", "rejected"):
+            texts.append(response_text(records[i][side]))
+            sources.append(f"original_{side}")
+    texts += samples
+    sources += ["sample"] * len(samples)
+    seen, out_texts, out_sources = set(), [], []
+    for text, source in zip(texts, sources):
+        if text and text not in seen:
+            seen.add(text)
+            out_texts.append(text)
+            out_sources.append(source)
+    return out_texts, out_sources
+
+
+def as_response(text: str, like) -> str | list[dict]:
+    """`text` in the format of the original response `like` (a string, or TRL's message list)."""
+    return text if isinstance(like, str) else [{"role": "assistant", "content": text}]
+
+
+def refill_pairs(records: list[dict], groups: list[list[int]], candidates: list[tuple[list[str], list[str]]],
+                 rewards: list[float], *, round_index: int) -> tuple[list[dict], dict]:
+    """The refill of each discarded prompt (METHODS §5.2): chosen = its highest-reward candidate,
+    rejected = its lowest; none when those are the same text (or there are fewer than two).
+
+    `candidates[g]` = (texts, sources) of group g (`candidates_of`); `rewards` = the implicit rewards
+    of every candidate, groups concatenated. Returns (refills without reference columns, summary):
+    the summary counts the (chosen source > rejected source) kinds and the refills that merely turned
+    an original pair around (`reoriented`; `reoriented_flipped` of them undid a known label flip).
+    """
+    flipped = _flipped(records)
+    refills, sources, identical, reoriented, corrected, start = [], Counter(), 0, 0, 0, 0
+    for group, (texts, origin) in zip(groups, candidates, strict=True):
+        group_rewards = rewards[start:start + len(texts)]
+        start += len(texts)
+        choice = best_worst_pair(texts, group_rewards) if len(texts) >= 2 else None
+        if choice is None:
+            identical += 1
+            continue
+        best, worst = choice
+        sources[f"{origin[best]}>{origin[worst]}"] += 1
+        if len(group) == 1 and (origin[best], origin[worst]) == ("original_rejected", "original_chosen"):
+            reoriented += 1
+            corrected += bool(flipped and flipped[group[0]])
+        first = records[group[0]]
+        refills.append({"prompt": first["prompt"], "chosen": as_response(texts[best], first["chosen"]),
+                        "rejected": as_response(texts[worst], first["rejected"]),
+                        "id": f"refill-{round_index}-{group[0]}", "round": round_index, "refill_of": group,
+                        "chosen_source": origin[best], "rejected_source": origin[worst],
+                        "chosen_reward": group_rewards[best], "rejected_reward": group_rewards[worst]})
+    if start != len(rewards):
+        raise ValueError(f"{len(rewards)} rewards for {start} candidates")
+    summary = {"refills": len(refills), "identical_skipped": identical, "sources": dict(sources),
+               "reoriented": reoriented}
+    if flipped is not None:
+        summary["reoriented_flipped"] = corrected
+    return refills, summary
+
+
+# --------------------------------------------------------------------------- models in memory
+class Models:
+    """At most one model in memory, loaded on first use: consecutive stages share it (score, filter
+    and refill use the same policy), and loading another one frees the previous one first."""
+
+    def __init__(self, config: ROPOConfig):
+        self.config = config
+        self.path: str | None = None
+        self.loaded = None
+
+    def get(self, path) -> tuple:
+        import torch
+
+        from noisepo.pipelines.common import load_policy
+
+        if self.path != str(path):
+            self.release()
+            model, tokenizer = load_policy(str(path), dtype=self.config.dtype,
+                                           trust_remote_code=self.config.trust_remote_code)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+            self.loaded, self.path = (model, tokenizer), str(path)
+        return self.loaded
+
+    def release(self) -> None:
+        self.loaded, self.path = None, None
+
+
+# --------------------------------------------------------------------------- evaluation
+class VerifierTask:
+    """A plain verifier function `(prompt, response) -> score` seen as a task (what evaluation takes)."""
+
+    def __init__(self, verifier, name: str):
+        self.verifier, self.name = verifier, name
+
+    def score(self, prompt: str, response: str) -> float:
+        return float(self.verifier(prompt, response))
+
+
+def load_evaluation(config: ROPOConfig) -> tuple[object | None, list[dict]]:
+    """(task or verifier or None, held-out records), checked before any training.
+
+    `--task` alone evaluates on the task's test prompts; `--eval-data` without a task or verifier
+    compares the greedy response with each record's `answer`.
+    """
+    from noisepo.data import load_prompts
+    from noisepo.tasks import load_task, load_verifier
+
+    scorer = None
+    if config.task:
+        scorer = load_task(config.task)
+    elif config.verifier:
+        scorer = VerifierTask(load_verifier(config.verifier), config.verifier)
+    records: list[dict] = []
+    if config.eval_data:
+        records = load_prompts(config.eval_data, skip_invalid=config.training.skip_invalid).records[: config.eval_limit]
+        if scorer is None and any("answer" not in r for r in records):
+            raise ConfigError("some evaluation prompts have no 'answer' column; add one or give --task or "
+                              "--verifier to score them", key="eval_data")
+    elif config.task:
+        records = scorer.prompts(config.eval_limit, seed=0, split="test")
+    return scorer, records
+
+
+def verified(scorer, prompt_text: str, response: str) -> float | None:
+    """The verifier's score of a refill response; None when the prompt is not one it can check."""
+    try:
+        return float(scorer.score(prompt_text, response))
+    except NoisepoError:
+        return None
+
+
+# --------------------------------------------------------------------------- the loop
+class ROPORun:
+    """The stages of one `noisepo ropo` run; `run()` executes (or skips) them in order."""
+
+    def __init__(self, config: ROPOConfig, run: RunFolder, initial_model: str, scorer, eval_records: list[dict]):
+        self.config, self.run_folder = config, run
+        self.root = run.root
+        self.initial = initial_model
+        self.scorer, self.eval_records = scorer, eval_records
+        self.models = Models(config)
+
+    # ------------------------------------------------------------------ helpers
+    def path(self, r: int | str, name: str) -> Path:
+        folder = r if isinstance(r, str) else round_folder(r)
+        return self.root / folder / name
+
+    def model_of(self, r: int) -> str:
+        """The policy after round r's training (r = −1: the initial model)."""
+        return self.initial if r < 0 else str(self.path(r, "model"))
+
+    def originals(self) -> list[dict]:
+        return _read_jsonl(self.path(REFERENCE, "pairs.jsonl"))
+
+    def timed(self, fn):
+        def wrapped():
+            started = time.perf_counter()
+            summary = fn() or {}
+            return {**summary, "seconds": round(time.perf_counter() - started, 2)}
+        return wrapped
+
+    # ------------------------------------------------------------------ stages
+    def reference(self, records: list[dict]) -> dict:
+        """The initial model's summed log-probs of both sides of every pair: ROPO's fixed reference."""
+        from noisepo.pipelines.common import pair_logps
+
+        model, tokenizer = self.models.get(self.initial)
+        scored = pair_logps(model, tokenizer, records, max_length=self.config.training.max_length,
+                            batch_size=self.config.score_batch_size, progress=self.config.progress)
+        rows = [{**record, "reference_chosen_logps": s["chosen"], "reference_rejected_logps": s["rejected"]}
+                for record, s in zip(records, scored)]
+        write_jsonl_atomic(self.path(REFERENCE, "pairs.jsonl"), rows)
+        return {"pairs": len(rows)}
+
+    def evaluate(self, folder: str, model_dir: str) -> dict:
+        from noisepo.pipelines.common import evaluate_task
+
+        self.models.release()
+        result = evaluate_task(model_dir, self.scorer, self.eval_records,
+                               max_new_tokens=self.config.eval_max_new_tokens, dtype=self.config.dtype)
+        write_jsonl_atomic(self.root / folder / "eval_predictions.jsonl", result.pop("predictions"))
+        write_json_atomic(self.root / folder / "eval.json", result)
+        return {k: result.get(k) for k in ("accuracy", "correct", "n", "graded_score") if k in result}
+
+    def training_set(self, r: int, originals: list[dict]) -> tuple[list[dict], dict]:
+        """Round r's pairs: all originals in round 0 (and without filtering); later, the originals the
+        previous round kept (weight w = 1; w = 0 rows carry no gradient and are dropped) plus its
+        refills. A record's own `weight` multiplies w."""
+        if r == 0 or not self.config.filtering:
+            return originals, {"originals": len(originals), "refills": 0}
+        previous = _read_jsonl(self.path(r - 1, "pairs.jsonl"))
+        kept = [record for record, row in zip(originals, previous, strict=True) if row["weight"] > 0]
+        refills = _read_jsonl(self.path(r - 1, "refills.jsonl"))
+        return kept + refills, {"originals": len(kept), "refills": len(refills)}
+
+    def train(self, r: int) -> dict:
+        from noisepo.pipelines.common import LossOptions, train_pairs
+
+        c = self.config
+        records, composition = self.training_set(r, self.originals())
+        self.models.release()
+        metrics = train_pairs(records, init_model=self.model_of(r - 1), output=self.root / round_folder(r),
+                              options=c.training, loss=LossOptions(c.loss, beta=c.beta,
+                                                                   label_smoothing=c.label_smoothing, alpha=c.alpha),
+                              dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+        write_json_atomic(self.path(r, "train.json"), metrics)
+        return {"pairs": len(records), **composition, "global_step": metrics.get("global_step"),
+                "train_loss": metrics.get("train_loss"), "init_model": self.model_of(r - 1)}
+
+    def score(self, r: int) -> dict:
+        """ℓ_ropo of every original pair under round r's policy (forward only, eval mode)."""
+        from noisepo.pipelines.common import pair_logps
+
+        originals = self.originals()
+        model, tokenizer = self.models.get(self.model_of(r))
+        policy = pair_logps(model, tokenizer, originals, max_length=self.config.training.max_length,
+                            batch_size=self.config.score_batch_size, progress=self.config.progress)
+        losses, margins = ropo_scores(policy, originals, beta=self.config.beta, alpha=self.config.alpha)
+        rows = [{"index": i, "loss": loss, "margin": h, "policy_chosen_logps": p["chosen"],
+                 "policy_rejected_logps": p["rejected"]}
+                for i, (loss, h, p) in enumerate(zip(losses, margins, policy))]
+        write_jsonl_atomic(self.path(r, "scores.jsonl"), rows)
+        finite = [x for x in losses if math.isfinite(x)]
+        return {"pairs": len(rows), "mean_loss": sum(finite) / len(finite) if finite else None}
+
+    def filter(self, r: int) -> dict:
+        """Keep the (1−ρ)N lowest ℓ_ropo (all pairs without filtering); precision/recall and the loss
+        histograms when the data says which labels were flipped."""
+        originals = self.originals()
+        scores = _read_jsonl(self.path(r, "scores.jsonl"))
+        losses = [row["loss"] for row in scores]
+        kept = select_kept(losses, self.config.rho) if self.config.filtering else [True] * len(losses)
+        flipped = _flipped(originals)
+        rows = []
+        for record, row, keep in zip(originals, scores, kept, strict=True):
+            out = {"index": row["index"], **({"id": record["id"]} if "id" in record else {}),
+                   "loss": row["loss"], "margin": row["margin"], "kept": keep, "weight": 1.0 if keep else 0.0}
+            if flipped is not None:
+                out["label_flipped"] = bool(record["label_flipped"])
+            rows.append(out)
+        write_jsonl_atomic(self.path(r, "pairs.jsonl"), rows)
+        distribution = loss_distribution(losses, kept, flipped)
+        png = plot_loss_histogram(distribution, self.path(r, "loss_histogram.png"), title=f"round {r}")
+        write_json_atomic(self.path(r, "loss_histogram.json"), {**distribution, "png": png})
+        summary = {"kept": sum(kept), "discarded": len(kept) - sum(kept), "filtering": self.config.filtering,
+                   "auroc_flipped": distribution["auroc_flipped"],
+                   "mean_loss": {k: v["mean"] for k, v in distribution["stats"].items()}}
+        if flipped is not None:
+            summary.update(filter_quality(kept, flipped))
+        return summary
+
+    def refill_skipped(self, r: int) -> str | None:
+        """Why round r has no refills, or None when it has."""
+        if not self.config.filtering:
+            return "filtering off"
+        if not self.config.refill:
+            return "refill off"
+        if r == self.config.rounds - 1:
+            return "last round (no next round trains on refills)"
+        return None
+
+    def refill(self, r: int) -> dict:
+        """Rejection sampling (METHODS §5.2) for each discarded prompt: K samples from the current
+        policy + the original responses; new pair = (highest, lowest) implicit reward
+        β(log π_θ(y|x) − log π_ref(y|x)); skipped when both are the same text."""
+        c = self.config
+        reason = self.refill_skipped(r)
+        if reason:
+            write_jsonl_atomic(self.path(r, "refills.jsonl"), [])
+            return {"prompts": 0, "refills": 0, "skipped": reason}
+        from noisepo.data.chat import render_prompt, response_text
+        from noisepo.generation.base import GenerationParams
+        from noisepo.generation.transformers_backend import TransformersGenerator
+        from noisepo.pipelines.common import pair_logps, response_logps
+
+        originals = self.originals()
+        kept = [row["kept"] for row in _read_jsonl(self.path(r, "pairs.jsonl"))]
+        groups = discarded_groups(originals, kept)
+        prompts = [originals[group[0]]["prompt"] for group in groups]
+        model, tokenizer = self.models.get(self.model_of(r))
+        prompt_texts = [render_prompt(tokenizer, p) for p in prompts]
+        samples: list[list[str]] = [[] for _ in groups]
+        if c.samples > 0 and groups:
+            params = GenerationParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                      num_samples=c.samples, seed=c.seed + r)
+            samples = TransformersGenerator(model, tokenizer, batch_size=c.generation_batch_size,
+                                            progress=c.progress).generate(prompt_texts, params)
+        candidates = [candidates_of(originals, group, s) for group, s in zip(groups, samples)]
+        flat_prompts = [p for p, (texts, _) in zip(prompts, candidates) for _ in texts]
+        flat_texts = [t for texts, _ in candidates for t in texts]
+        length, batch = c.training.max_length, c.score_batch_size
+        policy = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch)
+        model, tokenizer = self.models.get(self.initial)
+        reference = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch)
+        rewards = [c.beta * (p - q) for p, q in zip(policy, reference)]
+
+        refills, summary = refill_pairs(originals, groups, candidates, rewards, round_index=r)
+        if self.scorer is not None:
+            by_index = {group[0]: text for group, text in zip(groups, prompt_texts)}
+            for refill in refills:
+                for side in ("chosen", "rejected"):
+                    refill[f"{side}_score"] = verified(self.scorer, by_index[refill["refill_of"][0]],
+                                                       response_text(refill[side]))
+        # The reference columns exactly as training encodes the pair (same truncation as pair_logps).
+        for refill, s in zip(refills, pair_logps(model, tokenizer, refills, max_length=length, batch_size=batch)):
+            refill["reference_chosen_logps"], refill["reference_rejected_logps"] = s["chosen"], s["rejected"]
+        write_jsonl_atomic(self.path(r, "refills.jsonl"), refills)
+        if self.scorer is not None:
+            judged = [x for x in refills if x["chosen_score"] is not None and x["rejected_score"] is not None]
+            summary["verified_better"] = sum(x["chosen_score"] > x["rejected_score"] for x in judged)
+            summary["verified_judged"] = len(judged)
+        return {"prompts": len(groups), "samples_per_prompt": c.samples, **summary}
+
+    def metrics(self, r: int) -> dict:
+        """round_<r>/metrics.json: the stage summaries, and the headline numbers at the top level."""
+        stages = {name: self.run_folder.stage(round_folder(r), name).summary()
+                  for name in ("train", "score", "filter", "refill", "evaluate")}
+        stages = {k: {x: y for x, y in v.items() if x not in ("stage", "finished_at")} for k, v in stages.items()}
+        metrics = {
+            "round": r,
+            "trained_pairs": stages["train"].get("pairs"),
+            "kept": stages["filter"].get("kept"),
+            "discarded": stages["filter"].get("discarded"),
+            "refills": stages["refill"].get("refills"),
+            "filter_precision": stages["filter"].get("filter_precision"),
+            "filter_recall": stages["filter"].get("filter_recall"),
+            "auroc_flipped": stages["filter"].get("auroc_flipped"),
+            "accuracy": stages["evaluate"].get("accuracy"),
+            "seconds": round(sum(v.get("seconds", 0.0) for v in stages.values()), 2),
+            **stages,
+        }
+        write_json_atomic(self.path(r, "metrics.json"), metrics)
+        return {k: metrics[k] for k in ("kept", "refills", "seconds")}
+
+    # ------------------------------------------------------------------ driver
+    def run(self, records: list[dict]) -> dict:
+        stage = self.run_folder.stage
+        stage(REFERENCE, "reference").run(self.timed(lambda: self.reference(records)))
+        initial_eval = None
+        if self.eval_records:
+            initial_eval = stage(REFERENCE, "evaluate").run(self.timed(lambda: self.evaluate(REFERENCE, self.initial)))
+        rounds = []
+        for r in range(self.config.rounds):
+            folder = round_folder(r)
+            stage(folder, "train").run(self.timed(lambda r=r: self.train(r)))
+            stage(folder, "score").run(self.timed(lambda r=r: self.score(r)))
+            stage(folder, "filter").run(self.timed(lambda r=r: self.filter(r)))
+            stage(folder, "refill").run(self.timed(lambda r=r: self.refill(r)))
+            if self.eval_records:
+                stage(folder, "evaluate").run(self.timed(lambda r=r, f=folder: self.evaluate(f, self.model_of(r))))
+            stage(folder, "metrics").run(lambda r=r: self.metrics(r))
+            rounds.append(json.loads(self.path(r, "metrics.json").read_text(encoding="utf-8")))
+        summary = {"rounds": [{k: m[k] for k in ("round", "trained_pairs", "kept", "discarded", "refills",
+                                                 "filter_precision", "filter_recall", "auroc_flipped", "accuracy",
+                                                 "seconds")}
+                              for m in rounds],
+                   "initial_accuracy": (initial_eval or {}).get("accuracy"),
+                   "model": self.model_of(self.config.rounds - 1)}
+        write_json_atomic(self.root / "summary.json", summary)
+        return summary
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _flipped(records: list[dict]) -> list[bool] | None:
+    """The true-label flags when every pair carries `label_flipped`, else None."""
+    if records and all(isinstance(r.get("label_flipped"), bool) for r in records):
+        return [r["label_flipped"] for r in records]
+    return None
+
+
+def plot_loss_histogram(distribution: dict, path: Path, *, title: str = "") -> str | None:
+    """A PNG of the ℓ_ropo histograms (clean vs flipped when known, else kept vs discarded), written
+    atomically; None when matplotlib (the `report` extra) is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    counts = distribution["counts"]
+    groups = ("clean", "flipped") if "flipped" in counts else ("kept", "discarded")
+    figure = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for name in groups:
+        axes.stairs(counts[name], distribution["bin_edges"], label=f"{name} ({sum(counts[name])})", fill=False)
+    axes.set_xlabel("ℓ_ropo")
+    axes.set_ylabel("pairs")
+    axes.set_title(title)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return path.name
+
+
+def summary_table(summary: dict) -> str:
+    """The per-round table printed at the end of a run."""
+    def show(value, kind=""):
+        if value is None:
+            return "-"
+        return f"{value:.1%}" if kind == "%" else f"{value:.3f}" if kind == "f" else str(value)
+
+    rows = [("round", "trained", "kept", "refills", "precision", "recall", "auroc", "accuracy", "seconds")]
+    if summary.get("initial_accuracy") is not None:
+        rows.append(("initial", "-", "-", "-", "-", "-", "-", show(summary["initial_accuracy"], "%"), "-"))
+    for m in summary["rounds"]:
+        rows.append((str(m["round"]), show(m["trained_pairs"]), show(m["kept"]), show(m["refills"]),
+                     show(m["filter_precision"], "f"), show(m["filter_recall"], "f"), show(m["auroc_flipped"], "f"),
+                     show(m["accuracy"], "%"),
+                     show(m["seconds"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def ropo(config: ROPOConfig) -> dict:
+    """Run (or resume) every round; return the summary (also OUTPUT/summary.json)."""
+    from noisepo.config import to_dict
+    from noisepo.data import load_preferences
+    from noisepo.data.chat import response_text
+    from noisepo.models import resolve_model
+
+    loaded = load_preferences(config.data, skip_invalid=config.training.skip_invalid)
+    scorer, eval_records = load_evaluation(config)  # found before any training
+    records = loaded.records
+    texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]
+    texts += [response_text(r["prompt"]) for r in eval_records]
+    output = Path(config.output)
+    seeds = {"training": config.training.seed, "sampling": config.seed}
+    with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run:
+        initial = resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+        return ROPORun(config, run, initial, scorer, eval_records).run(records)
+
+
+def run_ropo(config: ROPOConfig) -> int:
+    summary = ropo(config)
+    print(summary_table(summary))
+    print(f"ropo: final model in {summary['model']}; per-round metrics in {Path(config.output)}/round_<r>/metrics.json")
+    return 0
