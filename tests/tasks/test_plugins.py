@@ -119,3 +119,19 @@ def test_data_make_too_many_test_prompts_names_the_option(tmp_path, capsys):
     status = main(["data", "make", "--output", str(tmp_path / "d"), "--n-test", "5000"])
     assert status == 2
     assert "'n_test'" in capsys.readouterr().err
+
+
+def test_installed_script_imports_a_task_from_the_current_folder(tmp_path):
+    """The `noisepo` console script does not put the working folder on sys.path by itself
+    (PYTHONSAFEPATH=1 gives `python -c` the same sys.path); `--task mymod:Task` must still work."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "cwdtask_mod.py").write_text(
+        "def score(prompt, response):\n    return 1.0 if response.strip() == 'ok' else 0.0\n")
+    code = "from noisepo.tasks import load_verifier; print(load_verifier('cwdtask_mod:score')('p', 'ok'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1.0"

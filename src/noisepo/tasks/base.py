@@ -57,6 +57,7 @@ def import_object(path: str, *, key: str = "task") -> Any:
     module_name, colon, attribute = path.partition(":")
     if not colon or not module_name or not attribute:
         raise ConfigError(f"{path!r} is not an import path of the form 'package.module:name'", key=key)
+    _current_folder_importable()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -71,6 +72,17 @@ def import_object(path: str, *, key: str = "task") -> Any:
         raise ConfigError(f"cannot import {path!r}: module {module_name!r} has no attribute "
                           f"{attribute!r}", key=key) from None
     return obj
+
+
+def _current_folder_importable() -> None:
+    """A user's `--task mymod:Task` names a module in the folder they run from: make it importable
+    from the installed `noisepo` script too, as `python -m noisepo` already does."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)  # appended: a user module never shadows an installed package
 
 
 def _has_task_methods(obj: Any) -> bool:
