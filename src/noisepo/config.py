@@ -221,11 +221,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, with_config_fi
         base, _ = _unwrap_optional(tp)
         default = _default_of(f)
         help_text = meta.get("help", "")
-        if default is not _MISSING:
+        if default is _MISSING or default == "":  # "" marks a required path/name in our configs
+            help_text += " (required)"
+        else:
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text += f" (default: {shown})"
-        else:
-            help_text += " (required)"
         help_text = help_text.replace("%", "%%")
         choices = meta.get("choices")
         if typing.get_origin(base) is typing.Literal:

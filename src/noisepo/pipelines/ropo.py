@@ -241,7 +241,7 @@ def load_evaluation(config: ROPOConfig) -> tuple[object | None, list[dict]]:
         scorer = VerifierTask(load_verifier(config.verifier), config.verifier)
     records: list[dict] = []
     if config.eval_data:
-        records = load_prompts(config.eval_data, skip_invalid=config.training.skip_invalid).records[: config.eval_limit]
+        records = load_prompts(config.eval_data, skip_invalid=config.skip_invalid).records[: config.eval_limit]
         if scorer is None and any("answer" not in r for r in records):
             raise ConfigError("some evaluation prompts have no 'answer' column; add one or give --task or "
                               "--verifier to score them", key="eval_data")
@@ -555,7 +555,7 @@ def ropo(config: ROPOConfig) -> dict:
     from noisepo.data.chat import response_text
     from noisepo.models import resolve_model
 
-    loaded = load_preferences(config.data, skip_invalid=config.training.skip_invalid)
+    loaded = load_preferences(config.data, skip_invalid=config.skip_invalid)
     scorer, eval_records = load_evaluation(config)  # found before any training
     records = loaded.records
     texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]

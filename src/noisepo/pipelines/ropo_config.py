@@ -55,6 +55,7 @@ class ROPOConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype when loading.")
     trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
     progress: bool = option(True, "Show progress bars.")
+    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
     training: OptimOptions = option(default_factory=OptimOptions,
                                     help="How each round trains (one epoch on the kept set by default).")
 

@@ -48,9 +48,7 @@ class OptimOptions:
     save_total_limit: int = option(2, "Keep at most this many checkpoints.")
     report_to: list[str] = option(default_factory=lambda: ["tensorboard"],
                                   help="Loggers for metrics: tensorboard (in OUTPUT/logs), wandb, none, ...")
-    resume: bool = option(False, "Resume from the latest checkpoint in OUTPUT.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory.")
-    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
     lora: bool = option(False, "Train LoRA adapters through PEFT (extra 'peft') instead of all weights.")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
@@ -74,6 +72,8 @@ class TrainingOptions(OptimOptions, ModelOptions):
     data: str = option("", "Training data: .jsonl, .json, .parquet, a datasets save_to_disk folder, "
                            "or a hub dataset name.")
     output: str = option("", "Output folder (checkpoints, final model, logs, metrics.json).")
+    resume: bool = option(False, "Resume from the latest checkpoint in OUTPUT.")
+    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
 
     def __post_init__(self):
         check(bool(self.data), "data", "is required (a data file, folder or hub name)")
