@@ -12,8 +12,11 @@ detached, under a penalty α_σ·mean(σ²). `npo_objective` returns both parts 
 trains both, each receiving gradient only from its own part.
 
 Memory: z̃ is (positions × V). We never hold it for the whole batch: positions are processed in
-chunks under activation checkpointing, so the backward pass recomputes a chunk's (n, V) tensors
-(the RNG state is restored, so ε is the same in the recomputation) instead of storing them.
+chunks by `_NoisyTokenLogps`, an autograd function that keeps only each chunk's logsumexp and
+recomputes its (n, V) blocks in the backward pass, drawing ε again from the chunk's own seed;
+the backward is written out (dσ = g ⊙ ε + 2·g_sq·σ, du = dσ ⊙ sigmoid(u)) and works in place, so a
+chunk holds a handful of (n, V) blocks. `use_checkpoint=False` is the plain-autograd reference
+implementation of the same numbers (tests compare the two).
 """
 from __future__ import annotations
 
@@ -22,9 +25,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Positions per chunk when not given: (chunk, V) float32 blocks of about 16 MiB. A chunk holds about
+# four such blocks at once (u, σ, ε, the noisy logits or their softmax), so the extra peak is ~64 MiB
+# whatever B, T and V are (V = 32k: 131 positions per chunk).
+NOISE_CHUNK_BYTES = 2**24
+
+
+def noise_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    return chunk_size if chunk_size else max(16, NOISE_CHUNK_BYTES // (4 * vocab_size))
 
 
 def inverse_softplus(value: float) -> float:
@@ -62,30 +72,99 @@ class NoiseHead(nn.Module):
                 self.up.zero_()
             self.bias.fill_(inverse_softplus(self.sigma0))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., d) -> σ (..., V), float32."""
+    def factors(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a (..., k), U (V, k)) with W g = U a: full rank a = g, U = W; low rank a = D g, U = up."""
         hidden = hidden.to(self.bias.dtype)
         if self.rank is None:
-            pre = F.linear(hidden, self.weight, self.bias)
-        else:
-            pre = F.linear(F.linear(hidden, self.down), self.up, self.bias)
-        return F.softplus(pre)
+            return hidden, self.weight
+        return F.linear(hidden, self.down), self.up
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d) -> σ (..., V), float32."""
+        a, up = self.factors(hidden)
+        return F.softplus(F.linear(a, up, self.bias))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}, vocab={self.vocab_size}, rank={self.rank or 'full'}, sigma0={self.sigma0}"
 
 
-def _noisy_chunk(hidden, targets, lm_weight, lm_bias, head: NoiseHead):
-    """(n, d), (n,) -> per-position noisy log-prob (n,), Σσ² and Σσ over the chunk."""
-    logits = F.linear(hidden, lm_weight, lm_bias).float()  # (n, V)
-    sigma = head(hidden)  # (n, V)
-    noisy = logits + sigma * torch.randn_like(logits)
+def _epsilon(seed: int, like: torch.Tensor) -> torch.Tensor:
+    """ε ~ N(0, I) shaped like `like`, from a generator seeded with `seed` (redrawn in the backward)."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _reference_logits(states, lm_weight, lm_bias) -> torch.Tensor:
+    """(n, d) -> (n, V) float32, in the weights' dtype first (as the model's LM head)."""
+    logits = F.linear(states.to(lm_weight.dtype), lm_weight, lm_bias)
+    return logits.to(torch.promote_types(lm_weight.dtype, torch.float32))
+
+
+def _noisy_chunk(states, targets, lm_weight, lm_bias, head: NoiseHead, seed: int):
+    """Plain autograd: (n, d), (n,) -> noisy log-prob per position (n,), Σσ², Σσ over the chunk."""
+    logits = _reference_logits(states, lm_weight, lm_bias)  # (n, V), no gradient (frozen reference)
+    sigma = head(states)  # (n, V)
+    noisy = logits + sigma * _epsilon(seed, logits)
     target = noisy.gather(-1, targets[:, None]).squeeze(-1)
-    return target - torch.logsumexp(noisy, dim=-1), sigma.pow(2).sum(), sigma.sum()
+    return target - torch.logsumexp(noisy, dim=-1), sigma.pow(2).sum(), sigma.detach().sum()
+
+
+class _NoisyTokenLogps(torch.autograd.Function):
+    """The same numbers as `_noisy_chunk`, keeping only (n,)-sized tensors between the passes.
+
+    Inputs: states (n, d) and targets (n,) of the reference; lm_weight (V, d), lm_bias (V,) or
+    None (frozen); the head's factors a (n, k), up (V, k) and bias (V,) (u = a upᵀ + bias,
+    σ = softplus(u)); the chunk's seed. Gradients go to a, up and bias only.
+    """
+
+    @staticmethod
+    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
+        # Autocast off in both passes: the backward must recompute exactly the forward's numbers.
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            return _NoisyTokenLogps._forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed)
+
+    @staticmethod
+    def _forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
+        noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
+        sigma = F.softplus(F.linear(a.to(up.dtype), up, bias))  # (n, V)
+        noisy.addcmul_(sigma, _epsilon(seed, noisy))  # z̃ = z + σ ⊙ ε, in z's storage
+        lse = torch.logsumexp(noisy, dim=-1)  # (n,)
+        logps = noisy.gather(1, targets[:, None]).squeeze(1) - lse
+        sq = torch.linalg.vector_norm(sigma).square()
+        total = sigma.sum()
+        ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
+        ctx.seed = seed
+        ctx.mark_non_differentiable(total)
+        return logps, sq, total
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_sq, _grad_total):
+        states = ctx.saved_tensors[0]
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            return _NoisyTokenLogps._backward(ctx, grad_logps.float(), grad_sq.float())
+
+    @staticmethod
+    def _backward(ctx, grad_logps, grad_sq):
+        states, targets, lm_weight, lm_bias, a, up, bias, lse = ctx.saved_tensors
+        a_dtype, a = a.dtype, a.to(up.dtype)
+        u = F.linear(a, up, bias)  # (n, V)
+        sigma = F.softplus(u)
+        eps = _epsilon(ctx.seed, sigma)
+        probs = _reference_logits(states, lm_weight, lm_bias).addcmul_(sigma, eps)
+        probs.sub_(lse[:, None]).exp_()  # softmax(z̃)
+        # d logp / d z̃ = onehot(target) − softmax, times the upstream gradient of each position
+        grad_noisy = probs.mul_(-grad_logps[:, None])
+        grad_noisy.scatter_add_(1, targets[:, None], grad_logps[:, None])
+        # dσ = g ⊙ ε + 2·g_sq·σ;  du = dσ ⊙ sigmoid(u)
+        grad_u = eps.mul_(grad_noisy).add_(sigma.mul_(2 * grad_sq)).mul_(u.sigmoid_())
+        grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
+        grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
+        grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None
 
 
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
-                         head: NoiseHead, *, lm_bias: torch.Tensor | None = None, chunk_size: int = 512,
+                         head: NoiseHead, *, lm_bias: torch.Tensor | None = None, chunk_size: int | None = None,
                          use_checkpoint: bool = True):
     """Noisy reference log-probs of whole sequences.
 
@@ -93,31 +172,53 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
         `labels[:, t]` (i.e. shifted by one against the input ids).
     labels: (B, T) target token ids, IGNORE_INDEX (-100) on prompt and padding.
     lm_weight: (V, d) the reference's output embedding (frozen); lm_bias: (V,) or None.
+    chunk_size: positions per chunk (None: `noise_chunk_rows`, blocks of about 8 MiB).
+    use_checkpoint: True (default): the memory-bounded `_NoisyTokenLogps`; False: plain autograd,
+        which stores every chunk's (n, V) blocks (for tests and tiny vocabularies).
     Returns (logps (B,) summed over response tokens, mean σ² (scalar), mean σ (scalar)); only the
     noise head receives gradients (hidden and lm_weight are detached here).
     """
     batch = hidden.shape[0]
     mask = labels != IGNORE_INDEX  # (B, T)
     rows = mask.nonzero(as_tuple=True)[0]  # (N,) batch index of each response position
-    flat_hidden = hidden.detach()[mask]  # (N, d): only response positions cost a V-wide matmul
-    flat_targets = labels[mask]
-    lm_weight = lm_weight.detach()
+    # only response positions cost a V-wide matmul
+    token_logps, sq_sum, sigma_sum = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias,
+                                                       chunk_size=chunk_size, use_checkpoint=use_checkpoint)
+    logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    count = max(int(rows.shape[0]) * head.vocab_size, 1)
+    return logps, sq_sum / count, sigma_sum / count
+
+
+def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: torch.Tensor, head: NoiseHead, *,
+                      lm_bias: torch.Tensor | None = None, chunk_size: int | None = None, use_checkpoint: bool = True):
+    """Noisy reference log-probs of single tokens: states (N, d) predicting targets (N,).
+
+    Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries); only the head gets
+    gradients. `noisy_sequence_logps` sums these per sequence.
+    """
+    states, lm_weight = states.detach(), lm_weight.detach()
     lm_bias = None if lm_bias is None else lm_bias.detach()
-    logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device)
-    sq_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    sigma_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_hidden.shape[0], chunk_size):
+    parts = []
+    sq_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+    sigma_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+    chunk_size = noise_chunk_rows(head.vocab_size, chunk_size)
+    # One draw from the global generator per call (so a seeded run is reproducible), then one
+    # seed per chunk: the backward redraws a chunk's ε from it.
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    for index, start in enumerate(range(0, states.shape[0], chunk_size)):
         part = slice(start, start + chunk_size)
-        args = (flat_hidden[part], flat_targets[part], lm_weight, lm_bias, head)
-        if use_checkpoint and torch.is_grad_enabled():
-            token_logps, sq, s = checkpoint(_noisy_chunk, *args, use_reentrant=False, preserve_rng_state=True)
+        chunk, chunk_targets = states[part], targets[part]
+        if use_checkpoint:
+            a, up = head.factors(chunk)
+            token_logps, sq, s = _NoisyTokenLogps.apply(chunk, chunk_targets, lm_weight, lm_bias, a, up, head.bias,
+                                                        seed + index)
         else:
-            token_logps, sq, s = _noisy_chunk(*args)
-        logps = logps.index_add(0, rows[part], token_logps)
+            token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, seed + index)
+        parts.append(token_logps)
         sq_sum = sq_sum + sq
         sigma_sum = sigma_sum + s
-    count = max(int(flat_hidden.shape[0]) * head.vocab_size, 1)
-    return logps, sq_sum / count, sigma_sum / count
+    token_logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+    return token_logps, sq_sum, sigma_sum
 
 
 def npo_objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

@@ -1,0 +1,237 @@
+"""NPO benchmarks: one NPO training step against one DPO step on the same model (METHODS §4.2).
+
+`BENCHMARKS[name](quick) -> {"name", "ours", "baseline", "unit", "ratio", ...}` (see run.py).
+
+The model: a Llama built from a config with vocabulary V = 32 000 (width 256, 4 layers; `--quick`:
+V = 8 000, width 128, 2 layers), float32, one CPU thread (or the GPU when there is one). The
+batch: B = 8 pairs of T = 256 tokens (half prompt, half response; `--quick`: B = 4, T = 128).
+
+What each step includes (both through the trainer's own `training_step` + optimizer step):
+- DPO (`PreferenceTrainer`, reference precomputed: its best setting): the policy's forward and
+  backward on chosen + rejected; no reference forward at all.
+- NPO (`NPOTrainer`): the same, plus a no-grad forward of the frozen reference on the rejected half
+  (its hidden states are needed every step: ε is resampled), plus the noisy log-softmax of the
+  rejected response tokens (LM head + the full d × V noise head, chunked and checkpointed, so
+  both matmuls are recomputed in the backward) and the noise head's gradient and AdamW update.
+
+The floor is the share of the one matmul NPO cannot avoid: the noise head, σ = softplus(W g + b),
+forward and weight gradient, 4·N·d·V FLOPs for N rejected response tokens, over the DPO step's
+FLOPs (6 · non-embedding params · tokens + 6 · response tokens · d · V for the LM head). It is
+reported beside the measured ratio, with the same figure for Mistral-7B's shapes.
+
+Memory: each variant runs in a fresh process (glibc told to mmap every block above 1 MiB, so freed
+tensors leave RSS); the figure is the peak RSS (VmHWM) above the RSS once the libraries and one
+copy of the model are loaded (CPU), or `torch.cuda.max_memory_allocated` (GPU), over two steps.
+NPO holds in addition a frozen copy of the reference (a full copy of the weights) and the noise
+head (d × V) with its AdamW state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _sizes(quick: bool) -> dict:
+    if quick:
+        return dict(vocab=8000, hidden=128, layers=2, heads=4, intermediate=344, batch=4, length=128)
+    return dict(vocab=32000, hidden=256, layers=4, heads=4, intermediate=688, batch=8, length=256)
+
+
+def build_model(folder: Path, s: dict) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                         intermediate_size=s["intermediate"], max_position_embeddings=2 * s["length"],
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def synthetic_pairs(s: dict, n: int, seed: int = 0) -> list[dict]:
+    """`n` pairs of exactly `length` tokens per side: half prompt, half response."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    half = s["length"] // 2
+
+    def ids(k):
+        return torch.randint(3, s["vocab"], (k,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(half), "chosen_ids": ids(half), "rejected_ids": ids(half), "weight": 1.0}
+            for _ in range(n)]
+
+
+def make_trainer(kind: str, model_dir: str, pairs: list[dict], output: str, steps: int, s: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from noisepo.training.npo import NPOTrainer
+    from noisepo.training.preference import PreferenceTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = TrainingArguments(output_dir=output, per_device_train_batch_size=s["batch"], max_steps=steps,
+                             learning_rate=1e-5, report_to="none", save_strategy="no",
+                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                             dataloader_pin_memory=False, seed=0)
+    if kind == "dpo":
+        return PreferenceTrainer(model, args, pairs, loss="dpo", beta=0.1, reference="precompute",
+                                 group_by_length=False)
+    variant = VARIANTS[kind]
+    return NPOTrainer(model, args, pairs, loss="dpo", beta=0.1, reference="precompute", group_by_length=False,
+                      **variant)
+
+
+# NPO variants: the default (full-rank head, reference forward every step), the reference's rejected
+# states cached per pair (no reference model, no reference forward), and that with a rank-64 head.
+VARIANTS = {"npo": {}, "npo_cached": {"cache_reference_states": True},
+            "npo_cached_rank64": {"cache_reference_states": True, "noise_rank": 64}}
+
+
+def flop_floor(*, tokens: int, rejected_response_tokens: int, response_tokens: int, d: int, vocab: int,
+               trunk_params: int) -> float:
+    """The noise head's share: 4·N·d·V over the DPO step's ≈ 6·P·tokens + 6·n_resp·d·V FLOPs."""
+    dpo = 6 * trunk_params * tokens + 6 * response_tokens * d * vocab
+    return 4 * rejected_response_tokens * d * vocab / dpo
+
+
+def flop_model_ratio(*, pairs: int, length: int, d: int, vocab: int, trunk_params: int) -> float:
+    """NPO/DPO step FLOPs as implemented: DPO = 6·P·tokens + 8·n·d·V (chunked LM head: forward,
+    recompute, two gradients); NPO adds the reference forward on the rejected half (2·P·tokens/2)
+    and 5 (N, d, V) matmuls on the N rejected response tokens (LM head and noise head, forward and
+    checkpoint recompute, the head's weight gradient). Elementwise work over (N, V) is not counted."""
+    tokens, responses = 2 * pairs * length, pairs * length  # half of every sequence is response
+    rejected = responses // 2
+    dpo = 6 * trunk_params * tokens + 8 * responses * d * vocab
+    extra = 2 * trunk_params * tokens // 2 + 5 * 2 * rejected * d * vocab
+    return 1 + extra / dpo
+
+
+def _floors(s: dict, trunk_params: int) -> dict:
+    b, t = s["batch"], s["length"]
+    shapes = dict(tokens=2 * b * t, rejected_response_tokens=b * t // 2, response_tokens=b * t)
+    # Mistral-7B: ~7.0e9 non-embedding params, d = 4096, V = 32 000, the same batch shapes
+    mistral = dict(d=4096, vocab=32000, trunk_params=7_000_000_000)
+    ours = dict(d=s["hidden"], vocab=s["vocab"], trunk_params=trunk_params)
+    return {"floor_time_ratio": round(1 + flop_floor(**shapes, **ours), 3),
+            "floor_time_ratio_mistral7b_shapes": round(1 + flop_floor(**shapes, **mistral), 3),
+            "flop_model_ratio": round(flop_model_ratio(pairs=b, length=t, **ours), 3),
+            "flop_model_ratio_mistral7b_shapes": round(flop_model_ratio(pairs=b, length=t, **mistral), 3)}
+
+
+def npo_vs_dpo_time(quick: bool) -> dict:
+    import torch
+    from bench_training import Stepper
+
+    torch.set_num_threads(1)
+    s = _sizes(quick)
+    rounds, steps = (5, 1) if quick else (5, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp) / "model", s)
+        pairs = synthetic_pairs(s, 4 * s["batch"])
+        steppers = {kind: Stepper(make_trainer(kind, model_dir, pairs, str(Path(tmp) / kind), 1000, s))
+                    for kind in ("npo", "npo_cached", "dpo")}
+        trunk = sum(p.numel() for n, p in steppers["dpo"].trainer.model.named_parameters()
+                    if "embed" not in n and "lm_head" not in n)
+        for stepper in steppers.values():
+            stepper.run(1)  # warm-up
+        times = {kind: [] for kind in steppers}
+        for round_ in range(rounds):
+            order = list(steppers) if round_ % 2 == 0 else list(reversed(steppers))
+            for kind in order:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                seconds, _ = steppers[kind].run(steps)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[kind].append(seconds / steps)
+    npo, dpo = statistics.median(times["npo"]), statistics.median(times["dpo"])
+    cached = statistics.median(times["npo_cached"])
+    return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
+            "ratio": round(npo / dpo, 3), "target": "<= 1.3",
+            "ours_cached_states": round(cached, 4), "ratio_cached_states": round(cached / dpo, 3),
+            **_floors(s, trunk), "rounds": rounds,
+            "shape": _shape(s), "device": "cuda" if torch.cuda.is_available() else "cpu (1 thread)",
+            "note": "ours = NPO step (incl. reference forward on the rejected half, full-rank noise head); "
+                    "baseline = DPO step with precomputed reference"}
+
+
+def _shape(s: dict) -> str:
+    return (f"B={s['batch']} pairs, T={s['length']} (half response), V={s['vocab']}, d={s['hidden']}, "
+            f"{s['layers']} layers, float32")
+
+
+def _vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _memory_child(kind: str, quick: bool, model_dir: str) -> None:
+    import torch
+    from bench_training import Stepper
+
+    torch.set_num_threads(1)
+    s = _sizes(quick)
+    pairs = synthetic_pairs(s, 2 * s["batch"])
+    cuda = torch.cuda.is_available()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model_dir)  # the libraries and one model's weights: the base line
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _vm("VmRSS")
+    with tempfile.TemporaryDirectory() as tmp:
+        Stepper(make_trainer(kind, model_dir, pairs, tmp, 100, s)).run(2)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _vm("VmHWM") - base
+    print(json.dumps({"peak_mb": peak}))
+
+
+def npo_vs_dpo_memory(quick: bool) -> dict:
+    s = _sizes(quick)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp) / "model", s)
+        for kind in ("npo", "npo_cached", "npo_cached_rank64", "dpo"):
+            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; "
+                    f"b._memory_child({kind!r}, {quick!r}, {model_dir!r})")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
+            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    d, v = s["hidden"], s["vocab"]
+    head_mb = (d * v + v) * 4 * 4 / 2**20  # weights + grad + two AdamW moments, float32
+    return {"name": "npo_vs_dpo_memory", "ours": round(results["npo"], 1), "baseline": round(results["dpo"], 1),
+            "unit": "MiB peak above the loaded libraries and one model", "ratio": round(results["npo"] / results["dpo"], 3),
+            "target": "<= 1.2", "ours_cached_states": round(results["npo_cached"], 1),
+            "ratio_cached_states": round(results["npo_cached"] / results["dpo"], 3),
+            "ours_cached_states_rank64": round(results["npo_cached_rank64"], 1),
+            "ratio_cached_states_rank64": round(results["npo_cached_rank64"] / results["dpo"], 3),
+            "noise_head_with_adamw_mb": round(head_mb, 1), "shape": _shape(s),
+            "note": "NPO also holds a frozen reference copy and the d x V noise head with its AdamW state"}
+
+
+# Every allocation above 1 MiB is its own mmap, returned to the system when freed: without this,
+# glibc's adaptive threshold serves blocks of tens of MiB from the heap, and fragmentation makes
+# VmHWM drift by ~100 MiB from run to run.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+BENCHMARKS = {
+    "npo_vs_dpo_time": npo_vs_dpo_time,
+    "npo_vs_dpo_memory": npo_vs_dpo_memory,
+}

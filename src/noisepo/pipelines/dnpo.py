@@ -1,0 +1,369 @@
+"""`noisepo dnpo` and `noisepo spin`: self-improvement iterations (METHODS §3, §4) as resumable stages.
+
+    OUTPUT/base/          the SFT model's greedy evaluation (when there is something to evaluate on)
+    OUTPUT/iter_<k>/      generate -> score -> pairs -> train -> evaluate -> metrics
+
+Iteration k starts from policy_k (policy_0 = the SFT model, policy_k = iter_<k-1>/model):
+1. generate: policy_k's response to every SFT prompt (greedy by default)     -> generations.jsonl
+2. score (DSL, k >= 1): the scorer on the human and the model response      -> scores.jsonl
+3. pairs: chosen = human, rejected = model; with DSL the pair flips when the model's response
+   scores strictly higher; pairs with two identical texts carry no gradient and are dropped
+   (counted)                                                                  -> pairs.jsonl
+4. train: on the pairs of iterations k, k-1, ..., k-history, from policy_k with policy_k as the
+   (precomputed) reference; with NPO (k >= 1) the rejected side's reference is noisy
+   (`noisepo.training.npo.NPOTrainer`, a fresh noise head per iteration)    -> model/, train.json
+5. evaluate: task accuracy of the new model, its win rate against policy_k's responses on the
+   same prompts, optionally lm-evaluation-harness                            -> eval.json, ...
+6. metrics                                                                   -> metrics.json
+Iteration 0 is SPIN whatever the switches say (METHODS §4). `noisepo spin` is this loop with
+DSL and NPO off; DSL-only and NPO-only are the ablations, each differing from DNPO in one switch.
+
+Every stage writes its artifacts atomically and its marker last (`noisepo.pipelines.stages`): a
+rerun resumes at the first unfinished stage, after a clean stop or a SIGKILL, and gives what an
+uninterrupted run gives (greedy generation is deterministic; a killed training stage restarts
+from policy_k with the same seed; scores are cached in SQLite as they arrive).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from noisepo.errors import ConfigError
+from noisepo.io import write_json_atomic, write_jsonl_atomic
+from noisepo.pipelines.dnpo_config import DNPOConfig, SPINConfig
+from noisepo.pipelines.stages import RunFolder
+
+BASE = "base"
+STAGES = ("generate", "score", "pairs", "train", "evaluate")
+
+
+def iteration_folder(k: int) -> str:
+    return f"iter_{k}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _timed(fn):
+    def wrapped():
+        started = time.perf_counter()
+        summary = fn() or {}
+        return {**summary, "seconds": round(time.perf_counter() - started, 2)}
+    return wrapped
+
+
+def load_evaluation(config: DNPOConfig) -> tuple[object | None, list[dict]]:
+    """(task or None, held-out records), checked before any training. `--task` alone evaluates on
+    the task's test prompts; `--eval-data` without a task compares with each record's `answer`."""
+    from noisepo.data import load_prompts
+    from noisepo.tasks import load_task
+
+    task = load_task(config.task) if config.task else None
+    records: list[dict] = []
+    if config.eval_data:
+        records = load_prompts(config.eval_data, skip_invalid=config.skip_invalid).records[: config.eval_limit]
+        if task is None and any("answer" not in r for r in records):
+            raise ConfigError("some evaluation prompts have no 'answer' column; add one or give --task",
+                              key="eval_data")
+    elif task is not None:
+        records = task.prompts(config.eval_limit, seed=0, split="test")
+    if config.win_rate and not records:
+        raise ConfigError("needs evaluation prompts: give --task or --eval-data", key="win_rate")
+    return task, records
+
+
+def last_logged(history: list[dict], key: str):
+    """The last value of `key` in a Trainer's log history (None when never logged)."""
+    return next((h[key] for h in reversed(history) if key in h), None)
+
+
+class DNPORun:
+    """The stages of one run; `run()` executes (or skips) them in order."""
+
+    def __init__(self, config: DNPOConfig, run: RunFolder, initial_model: str, records: list[dict], task,
+                 eval_records: list[dict]):
+        self.config, self.run_folder, self.root = config, run, run.root
+        self.initial, self.records = initial_model, records
+        self.task, self.eval_records = task, eval_records
+
+    # ------------------------------------------------------------------ helpers
+    def path(self, k: int | str, name: str) -> Path:
+        folder = k if isinstance(k, str) else iteration_folder(k)
+        return self.root / folder / name
+
+    def policy(self, k: int) -> str:
+        """policy_k: the model iteration k starts from (and its reference)."""
+        return self.initial if k == 0 else str(self.path(k - 1, "model"))
+
+    def load(self, model_dir: str):
+        import torch
+
+        from noisepo.pipelines.common import load_policy
+
+        model, tokenizer = load_policy(model_dir, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        return model.eval(), tokenizer
+
+    def scorer(self, cache: Path):
+        from noisepo.judges.base import make_scorer
+        from noisepo.judges.cache import CachedScorer
+
+        return CachedScorer(make_scorer(self.config.dsl), cache)
+
+    # ------------------------------------------------------------------ stages
+    def generate(self, k: int) -> dict:
+        """policy_k's response to every SFT prompt, with the chat template training uses."""
+        from noisepo.data.chat import render_prompt, response_text
+        from noisepo.generation.base import GenerationParams
+        from noisepo.generation.transformers_backend import TransformersGenerator
+
+        g = self.config.generation
+        model, tokenizer = self.load(self.policy(k))
+        prompt_texts = [render_prompt(tokenizer, r["prompt"]) for r in self.records]
+        params = GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                  seed=self.config.seed + k)
+        responses = TransformersGenerator(model, tokenizer, batch_size=g.batch_size,
+                                          progress=self.config.progress).generate(prompt_texts, params)
+        rows = [{**record, "index": i, "prompt_text": text, "completion": response_text(record["completion"]),
+                 "response": samples[0]}
+                for i, (record, text, samples) in enumerate(zip(self.records, prompt_texts, responses))]
+        write_jsonl_atomic(self.path(k, "generations.jsonl"), rows)
+        return {"prompts": len(rows), "policy": self.policy(k),
+                "identical_to_human": sum(r["response"] == r["completion"] for r in rows)}
+
+    def score(self, k: int) -> dict:
+        """DSL's scores of the human and the model response of every prompt (cached as they arrive)."""
+        from noisepo.judges.command import prompt_text
+
+        rows = _read_jsonl(self.path(k, "generations.jsonl"))
+        prompts = [prompt_text(r["prompt"]) for r in rows]  # what `noisepo score` shows a judge
+        scorer = self.scorer(self.path(k, "scores.cache.sqlite"))
+        try:
+            values = scorer.score([(p, r["completion"]) for p, r in zip(prompts, rows)]
+                                  + [(p, r["response"]) for p, r in zip(prompts, rows)])
+        finally:
+            scorer.close()
+        human, model = values[:len(rows)], values[len(rows):]
+        write_jsonl_atomic(self.path(k, "scores.jsonl"),
+                           [{"index": r["index"], "human_score": h, "model_score": m}
+                            for r, h, m in zip(rows, human, model)])
+        return {"scored": len(rows), "failures": sum(h is None or m is None for h, m in zip(human, model)),
+                "scorer": scorer.identity}
+
+    def pairs(self, k: int) -> dict:
+        """SPIN pairs (chosen = human), relabelled by DSL from iteration 1 on; identical pairs dropped."""
+        from noisepo.pipelines.dsl import label_pairs
+
+        rows = _read_jsonl(self.path(k, "generations.jsonl"))
+        human_scores = model_scores = None
+        if self.config.uses_dsl(k):
+            scores = _read_jsonl(self.path(k, "scores.jsonl"))
+            human_scores = [s["human_score"] for s in scores]
+            model_scores = [s["model_score"] for s in scores]
+        pairs, stats = label_pairs(rows, human_scores=human_scores, model_scores=model_scores)
+        pairs = [{**p, "iteration": k} for p in pairs]
+        write_jsonl_atomic(self.path(k, "pairs.jsonl"), pairs)
+        return {"dsl": self.config.uses_dsl(k), **stats.as_dict()}
+
+    def training_set(self, k: int) -> list[dict]:
+        """The pairs of iterations k, k-1, ..., k-history (SPIN trains on t and t-1)."""
+        records = []
+        for j in range(max(0, k - self.config.history), k + 1):
+            records += _read_jsonl(self.path(j, "pairs.jsonl"))
+        return records
+
+    def train(self, k: int) -> dict:
+        from noisepo.pipelines.common import LossOptions, save_model_atomically, train_pairs
+
+        c = self.config
+        records = self.training_set(k)
+        output = self.root / iteration_folder(k)
+        if not records:  # every pair identical: nothing carries a gradient, the policy stays
+            model, tokenizer = self.load(self.policy(k))
+            save_model_atomically(model, tokenizer, output / "model")
+            write_json_atomic(output / "train.json", {"pairs": 0, "skipped": "no trainable pairs"})
+            return {"pairs": 0, "npo": False, "skipped": True}
+        trainer_cls, trainer_kwargs = None, None
+        if c.uses_npo(k):
+            from noisepo.training.npo import NPOTrainer
+
+            trainer_cls = NPOTrainer
+            trainer_kwargs = dict(noise_rank=c.npo.rank, sigma0=c.npo.sigma0, noise_penalty=c.npo.noise_penalty,
+                                  noise_lr=c.npo.learning_rate, noise_chunk_size=c.npo.chunk_size,
+                                  cache_reference_states=c.npo.reference_states == "cache")
+        shutil.rmtree(output / "model.partial", ignore_errors=True)
+        metrics = train_pairs(records, init_model=self.policy(k), output=output, options=c.training,
+                              loss=LossOptions("dpo", beta=c.beta), trainer_cls=trainer_cls,
+                              trainer_kwargs=trainer_kwargs, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+        write_json_atomic(output / "train.json", metrics)
+        history = metrics.get("log_history", [])
+        return {"pairs": len(records), "npo": c.uses_npo(k), "global_step": metrics.get("global_step"),
+                "train_loss": metrics.get("train_loss"), "rewards/margins": metrics.get("rewards/margins"),
+                "sigma_mean": last_logged(history, "npo/sigma_mean"),
+                "noise_loss": last_logged(history, "npo/noise_loss"), "init_model": self.policy(k)}
+
+    def evaluate(self, folder: str, model_dir: str, previous: str | None) -> dict:
+        """Task accuracy of `model_dir`; its win rate against the `previous` folder's responses; lm-eval."""
+        summary: dict = {}
+        if self.eval_records:
+            from noisepo.pipelines.common import evaluate_task
+
+            result = evaluate_task(model_dir, self.task, self.eval_records,
+                                   max_new_tokens=self.config.eval_max_new_tokens, dtype=self.config.dtype)
+            predictions = result.pop("predictions")
+            write_jsonl_atomic(self.root / folder / "eval_predictions.jsonl", predictions)
+            write_json_atomic(self.root / folder / "eval.json", result)
+            summary.update({k: result.get(k) for k in ("accuracy", "correct", "n", "graded_score") if k in result})
+            if self.config.win_rate and previous is not None:
+                summary["win_rate"] = self.win_rate(folder, predictions, previous)
+        if self.config.lm_eval_tasks:
+            summary["lm_eval"] = self.lm_eval(folder, model_dir)
+        return summary
+
+    def win_rate(self, folder: str, predictions: list[dict], previous: str) -> dict:
+        """The new model's greedy responses against the previous iterate's, judged by the dsl scorer."""
+        from noisepo.judges.command import prompt_text
+        from noisepo.pipelines.dsl import win_rate
+
+        old = _read_jsonl(self.root / previous / "eval_predictions.jsonl")
+        prompts = [prompt_text(r["prompt"]) for r in self.eval_records]  # predictions keep their order
+        scorer = self.scorer(self.root / folder / "win_rate.cache.sqlite")
+        try:
+            new_scores = scorer.score([(q, p["response"]) for q, p in zip(prompts, predictions, strict=True)])
+            old_scores = scorer.score([(q, p["response"]) for q, p in zip(prompts, old, strict=True)])
+        finally:
+            scorer.close()
+        result = win_rate(new_scores, old_scores)
+        write_json_atomic(self.root / folder / "win_rate.json", {**result, "against": previous,
+                                                                "scorer": scorer.identity})
+        return result
+
+    def lm_eval(self, folder: str, model_dir: str) -> dict:
+        """lm-evaluation-harness on `model_dir` (extra 'eval'); a note instead when it is not installed."""
+        try:
+            from lm_eval import simple_evaluate
+        except ImportError:
+            return {"skipped": "lm_eval is not installed (pip install 'noisepo[eval]')"}
+        results = simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(self.config.lm_eval_tasks),
+                                  limit=self.config.lm_eval_limit)
+        table = (results or {}).get("results", {})
+        write_json_atomic(self.root / folder / "lm_eval.json", table)
+        return table
+
+    def metrics(self, k: int) -> dict:
+        """iter_<k>/metrics.json: the headline numbers at the top level, every stage's summary below."""
+        stages = {name: self.run_folder.stage(iteration_folder(k), name).summary() for name in STAGES}
+        stages = {n: {x: y for x, y in s.items() if x not in ("stage", "finished_at")} for n, s in stages.items()}
+        pairs, train, evaluation = stages["pairs"], stages["train"], stages["evaluate"]
+        metrics = {
+            "iteration": k,
+            "dsl": self.config.uses_dsl(k),
+            "npo": self.config.uses_npo(k),
+            "prompts": pairs.get("pairs"),
+            "trainable_pairs": pairs.get("trainable"),
+            "flipped": pairs.get("flipped"),
+            "ties": pairs.get("ties"),
+            "scorer_failures": pairs.get("scorer_failures"),
+            "identical": pairs.get("identical"),
+            "mean_human_score": pairs.get("mean_human_score"),
+            "mean_model_score": pairs.get("mean_model_score"),
+            "trained_pairs": train.get("pairs"),
+            "sigma_mean": train.get("sigma_mean"),
+            "noise_loss": train.get("noise_loss"),
+            "accuracy": evaluation.get("accuracy"),
+            "win_rate": (evaluation.get("win_rate") or {}).get("win_rate"),
+            "lm_eval": evaluation.get("lm_eval"),
+            "seconds": round(sum(s.get("seconds", 0.0) for s in stages.values()), 2),
+            "stages": stages,
+        }
+        write_json_atomic(self.path(k, "metrics.json"), metrics)
+        return {"seconds": metrics["seconds"]}
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict:
+        stage = self.run_folder.stage
+        evaluating = bool(self.eval_records or self.config.lm_eval_tasks)
+        initial_eval = None
+        if self.eval_records:  # the SFT model's numbers: the baseline, and iteration 0's win-rate opponent
+            initial_eval = stage(BASE, "evaluate").run(_timed(lambda: self.evaluate(BASE, self.initial, None)))
+        iterations = []
+        for k in range(self.config.iterations):
+            folder = iteration_folder(k)
+            stage(folder, "generate").run(_timed(lambda k=k: self.generate(k)))
+            if self.config.uses_dsl(k):
+                stage(folder, "score").run(_timed(lambda k=k: self.score(k)))
+            stage(folder, "pairs").run(_timed(lambda k=k: self.pairs(k)))
+            stage(folder, "train").run(_timed(lambda k=k: self.train(k)))
+            if evaluating:
+                previous = BASE if k == 0 else iteration_folder(k - 1)
+                stage(folder, "evaluate").run(_timed(
+                    lambda k=k, f=folder, p=previous: self.evaluate(f, str(self.path(k, "model")), p)))
+            stage(folder, "metrics").run(lambda k=k: self.metrics(k))
+            iterations.append(json.loads(self.path(k, "metrics.json").read_text(encoding="utf-8")))
+        summary = {"iterations": [{key: m[key] for key in SUMMARY_KEYS} for m in iterations],
+                   "initial_accuracy": (initial_eval or {}).get("accuracy"),
+                   "model": str(self.path(self.config.iterations - 1, "model"))}
+        write_json_atomic(self.root / "summary.json", summary)
+        return summary
+
+
+SUMMARY_KEYS = ("iteration", "dsl", "npo", "prompts", "trainable_pairs", "flipped", "ties", "scorer_failures",
+                "identical", "mean_human_score", "mean_model_score", "sigma_mean", "accuracy", "win_rate", "seconds")
+
+
+def summary_table(summary: dict) -> str:
+    """The per-iteration table printed at the end of a run."""
+    def show(value, kind=""):
+        if value is None:
+            return "-"
+        return f"{value:.1%}" if kind == "%" else f"{value:.4f}" if kind == "f" else str(value)
+
+    rows = [("iter", "method", "pairs", "flipped", "identical", "mean σ", "accuracy", "win rate", "seconds")]
+    if summary.get("initial_accuracy") is not None:
+        rows.append(("sft", "-", "-", "-", "-", "-", show(summary["initial_accuracy"], "%"), "-", "-"))
+    for m in summary["iterations"]:
+        method = {(False, False): "spin", (True, False): "dsl", (False, True): "npo", (True, True): "dnpo"}[
+            (m["dsl"], m["npo"])]
+        rows.append((str(m["iteration"]), method, show(m["trainable_pairs"]), show(m["flipped"]),
+                     show(m["identical"]), show(m["sigma_mean"], "f"), show(m["accuracy"], "%"),
+                     show(m["win_rate"], "%"), show(m["seconds"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def dnpo(config: DNPOConfig) -> dict:
+    """Run (or resume) every iteration; return the summary (also OUTPUT/summary.json)."""
+    from noisepo.config import to_dict
+    from noisepo.data import load_sft
+    from noisepo.data.chat import response_text
+    from noisepo.models import resolve_model
+
+    loaded = load_sft(config.data, skip_invalid=config.skip_invalid)
+    records = loaded.records[: config.limit] if config.limit else loaded.records
+    if not records:
+        raise ConfigError("holds no SFT records", key="data")
+    task, eval_records = load_evaluation(config)  # found before any training
+    texts = [response_text(r[key]) for r in records for key in ("prompt", "completion")]
+    texts += [response_text(r["prompt"]) for r in eval_records]
+    output = Path(config.output)
+    seeds = {"training": config.training.seed, "sampling": config.seed}
+    with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run:
+        initial = resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+        return DNPORun(config, run, initial, records, task, eval_records).run()
+
+
+def run_dnpo(config: DNPOConfig) -> int:
+    summary = dnpo(config)
+    print(summary_table(summary))
+    print(f"dnpo: final model in {summary['model']}; per-iteration metrics in "
+          f"{Path(config.output)}/iter_<k>/metrics.json")
+    return 0
+
+
+def run_spin(config: SPINConfig) -> int:
+    return run_dnpo(config)

@@ -1,0 +1,150 @@
+"""Config of `noisepo dnpo` and `noisepo spin` (METHODS §3, §4): self-improvement iterations.
+
+Torch-free on purpose: `noisepo --help` imports every config module.
+
+    model: sft-model/            # the SFT model: policy_0
+    data: sft.jsonl              # prompt + completion (the human responses)
+    output: runs/dnpo
+    iterations: 4                # iteration 0 is SPIN, 1..3 are DNPO
+    dsl: {enabled: true, scorer: verifier, verifier: addition}
+    npo: {enabled: true, sigma0: 0.01, noise_penalty: 1.0}
+    training: {learning_rate: 5.0e-7, epochs: 2, batch_size: 8}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from noisepo.config import option
+from noisepo.errors import ConfigError
+from noisepo.judges.config import ScorerOptions
+from noisepo.training.config import OptimOptions, check
+
+
+@dataclass
+class DSLOptions(ScorerOptions):
+    """Dynamic Sample Labeling (METHODS §4.1): the scorer that judges the human and the model response."""
+
+    enabled: bool = option(True, "Relabel pairs by the scorer from iteration 1 on (off: SPIN's labels, "
+                                 "chosen = the human response).")
+
+    def __post_init__(self):
+        if self.enabled:  # a disabled DSL needs no reachable scorer
+            super().__post_init__()
+
+
+@dataclass
+class NPOOptions:
+    """Noise Preference Optimization (METHODS §4.2): a trainable noise head on the reference."""
+
+    enabled: bool = option(True, "Train with a noisy reference on the rejected side from iteration 1 on "
+                                 "(off: the plain DPO/SPIN loss).")
+    sigma0: float = option(0.01, "σ₀: the noise scale a fresh head starts from (W = 0, b = softplus⁻¹(σ₀)).")
+    noise_penalty: float = option(1.0, "α_σ: weight of mean(σ²) in the noise head's loss.")
+    rank: int | None = option(None, "Rank of the head's W (null: full d × V, as in the paper; r: a cheaper "
+                                    "low-rank head with r·(d + V) weights).")
+    learning_rate: float | None = option(None, "The noise head's learning rate (null: the policy's).")
+    reference_states: Literal["forward", "cache"] = option(
+        "forward", "Where the rejected side's reference hidden states come from: forward: a frozen copy of "
+                   "the reference runs on the rejected half every step; cache: computed once per iteration and "
+                   "kept per pair (N·d floats per pair, no reference model in memory, no reference forward: "
+                   "cheaper for small models and datasets).")
+    chunk_size: int | None = option(None, "Response positions per chunk of the noisy log-softmax (null: "
+                                          "chunks of ~16 MiB of float32 logits; memory ~4 such blocks).")
+
+    def __post_init__(self):
+        check(self.sigma0 > 0, "sigma0", f"must be > 0, got {self.sigma0}")
+        check(self.noise_penalty >= 0, "noise_penalty", f"must be >= 0, got {self.noise_penalty}")
+        check(self.rank is None or self.rank >= 1, "rank", f"must be >= 1 or null, got {self.rank}")
+        check(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be > 0 or null")
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "must be >= 1 or null")
+
+
+@dataclass
+class GenerationOptions:
+    """How each iteration samples the model's own responses (greedy by default, METHODS §3)."""
+
+    max_new_tokens: int = option(256, "Most new tokens per response.")
+    temperature: float = option(0.0, "0: greedy (the default of SPIN's and DNPO's pipelines).")
+    top_p: float = option(1.0, "Nucleus mass when sampling.")
+    batch_size: int = option(32, "Prompts per generate call.")
+
+    def __post_init__(self):
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class DNPOConfig:
+    """`noisepo dnpo`: from an SFT model and its data, iteration 0 is SPIN and iterations 1.. are DNPO.
+    Each iteration: generate -> score (DSL) -> pairs -> train (reference: the previous iterate) ->
+    evaluate. `--dsl.no-enabled --npo.no-enabled` is SPIN; one of them alone is an ablation."""
+
+    model: str = option("", "The SFT model (policy_0): a local folder, a hub name, or a preset (micro, "
+                            "tiny, small) built once into OUTPUT/base_model.")
+    data: str = option("", "SFT data (prompt + completion, or messages): the prompts and human responses.")
+    output: str = option("", "Run folder: manifest.json, iter_<k>/, summary.json. A rerun with the same "
+                             "options resumes at the first unfinished stage.")
+    iterations: int = option(4, "Iterations in all: 0 (the SPIN warm-up), then 1..N-1 (DNPO).")
+    history: int = option(1, "Iteration k trains on the pairs of iterations k, k-1, ..., k-history "
+                             "(SPIN: 1).")
+    beta: float = option(0.1, "β (λ in SPIN): scale of the log-ratio margin.")
+    seed: int = option(0, "Sampling seed (iteration k samples with seed + k; unused when greedy).")
+    limit: int | None = option(None, "Use at most this many SFT records (null: all).")
+    task: str | None = option(None, "Task whose verifier scores the greedy evaluation after each iteration: "
+                                    "a built-in name (addition) or an import path (mypkg.mod:Task). Without "
+                                    "--eval-data its test prompts are used.")
+    eval_data: str | None = option(None, "Held-out prompts for the evaluation after every iteration (an "
+                                         "`answer` column unless --task is given).")
+    eval_limit: int = option(200, "Evaluate on at most this many prompts.")
+    eval_max_new_tokens: int = option(32, "Most new tokens in the greedy evaluation.")
+    win_rate: bool = option(False, "After each iteration, judge the new model's evaluation responses "
+                                   "against the previous iterate's with the dsl scorer's options.")
+    lm_eval_tasks: list[str] = option(default_factory=list,
+                                      help="lm-evaluation-harness tasks run on each iteration's model (extra "
+                                           "'eval'; skipped with a note when lm_eval is not installed).")
+    lm_eval_limit: int | None = option(None, "lm-eval: examples per task (null: all).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype when loading.")
+    trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
+    skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
+    progress: bool = option(True, "Show progress bars.")
+    dsl: DSLOptions = option(default_factory=DSLOptions, help="Dynamic Sample Labeling.")
+    npo: NPOOptions = option(default_factory=NPOOptions, help="Noise Preference Optimization.")
+    generation: GenerationOptions = option(default_factory=GenerationOptions, help="Sampling the model's responses.")
+    training: OptimOptions = option(default_factory=OptimOptions, help="How each iteration trains.")
+
+    def __post_init__(self):
+        check(bool(self.model), "model", "is required (the SFT model: a folder, hub name or preset)")
+        check(bool(self.data), "data", "is required (the SFT data file, folder or hub name)")
+        check(bool(self.output), "output", "is required (a run folder)")
+        check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        check(self.history >= 0, "history", f"must be >= 0, got {self.history}")
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
+        for key in ("eval_limit", "eval_max_new_tokens"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        if self.win_rate and not self.dsl.enabled:  # the win rate uses the scorer even without DSL
+            try:
+                ScorerOptions.__post_init__(self.dsl)
+            except ConfigError as err:
+                err.key = f"dsl.{err.key}" if err.key else err.key
+                raise
+
+    def uses_dsl(self, iteration: int) -> bool:
+        """DSL relabels from iteration 1 on (iteration 0 is the SPIN warm-up)."""
+        return self.dsl.enabled and iteration >= 1
+
+    def uses_npo(self, iteration: int) -> bool:
+        return self.npo.enabled and iteration >= 1
+
+
+@dataclass
+class SPINConfig(DNPOConfig):
+    """`noisepo spin`: SPIN's iterations (METHODS §3): the DNPO loop with DSL and NPO off."""
+
+    dsl: DSLOptions = option(default_factory=lambda: DSLOptions(enabled=False), help="Dynamic Sample Labeling "
+                                                                                     "(off for SPIN).")
+    npo: NPOOptions = option(default_factory=lambda: NPOOptions(enabled=False), help="Noise Preference "
+                                                                                     "Optimization (off for SPIN).")
