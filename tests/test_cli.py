@@ -42,3 +42,17 @@ def test_bad_values_name_the_key(bad, key):
     with pytest.raises(ConfigError) as info:
         from_dict(TrainConfig, {"data": "d", "output": "o", **bad})
     assert info.value.key == key
+
+
+def test_a_nested_section_given_in_part_keeps_the_parents_defaults():
+    """`noisepo spin --dsl.scorer verifier` must keep SPIN's DSL off (a bug seen once)."""
+    from noisepo.pipelines.dnpo_config import SPINConfig
+
+    config = run_cli(SPINConfig, ["--model", "m", "--data", "d", "--output", "o", "--dsl.scorer", "verifier",
+                                  "--dsl.verifier", "addition", "--training.learning-rate", "0.5"])
+    assert not config.dsl.enabled and not config.npo.enabled
+    assert config.dsl.verifier == "addition" and config.training.learning_rate == 0.5
+    assert config.training.batch_size == 8  # untouched fields keep their defaults
+    enabled = run_cli(SPINConfig, ["--model", "m", "--data", "d", "--output", "o", "--dsl.enabled",
+                                   "--dsl.scorer", "verifier", "--dsl.verifier", "addition"])
+    assert enabled.dsl.enabled

@@ -9,30 +9,46 @@ import pytest
 
 from noisepo.cli import main
 
-TINY_BUDGET = ["--model", "micro", "--n-train", "32", "--n-test", "8", "--max-steps", "3", "--batch-size", "8"]
+TINY_BUDGET = ["--model", "micro", "--n-train", "32", "--n-test", "8", "--max-steps", "3", "--batch-size", "8",
+               "--iterations", "2", "--dnpo-prompts", "16", "--dnpo-epochs", "1", "--dnpo-batch-size", "8"]
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--output", str(output), *TINY_BUDGET]) == 0
     first = capsys.readouterr().out
-    for stage in ("data", "sft", "eval"):
+    for stage in ("data", "sft"):
         assert (output / stage / "DONE").exists()
     assert (output / "sft" / "model" / "config.json").exists()
-    evaluation = json.loads((output / "eval" / "metrics.json").read_text())
-    assert evaluation["n"] == 8 and 0 <= evaluation["accuracy"] <= 1
+    summary = json.loads((output / "dnpo" / "summary.json").read_text())
+    assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
+    assert not summary["iterations"][0]["dsl"] and summary["iterations"][1]["dsl"]  # 0 is SPIN
+    assert summary["iterations"][1]["npo"] and summary["iterations"][1]["sigma_mean"] is not None
+    assert 0 <= summary["initial_accuracy"] <= 1
+    assert all(0 <= it["accuracy"] <= 1 for it in summary["iterations"])
+    assert (output / "dnpo" / "iter_1" / "model" / "config.json").exists()
     sft_summary = json.loads((output / "sft" / "DONE").read_text())
     assert sft_summary["steps"] == 3 and sft_summary["train_loss"] > 0
-    assert first.count(" ran ") == 3 and "not implemented yet" in first
+    assert first.count(" ran ") == 2 and "mean σ" in first and "dnpo" in first
     assert "human 90.6%" in first  # 3 of 32 human answers are wrong (round(0.1 * 32))
 
     model_written = (output / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    loop_model = output / "dnpo" / "iter_1" / "model" / "model.safetensors"
+    loop_written = loop_model.stat().st_mtime_ns
     assert main(["demo", "--output", str(output), *TINY_BUDGET]) == 0
     second = capsys.readouterr().out
-    assert second.count(" skipped ") == 3 and " ran " not in second
+    assert second.count(" skipped ") == 2 and " ran " not in second
     assert (output / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == model_written
-    # the table of the resumed run reports the numbers of the first
-    assert second.split("stage")[1] == first.split("stage")[1].replace(" ran     ", " skipped ")
+    assert loop_model.stat().st_mtime_ns == loop_written
+    # the tables of the resumed run report the numbers of the first
+    def sft_table(out):
+        return out.split("stage")[1].split("Training curves")[0]
+
+    def loop_table(out):
+        return out[out.index("iter  method"):].split("\n\n")[0]
+
+    assert sft_table(second) == sft_table(first).replace(" ran     ", " skipped ")
+    assert loop_table(second) == loop_table(first)
 
 
 def test_demo_module_imports_no_torch():
@@ -51,10 +67,10 @@ def test_demo_refuses_to_resume_with_other_options(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_tiny_model_learns_addition_from_imperfect_data(tmp_path):
-    """The acceptance run: the demo's defaults (tiny preset, 10 % wrong human answers) reach >= 90 %
+    """The acceptance run: the demo's SFT defaults (tiny preset, 10 % wrong human answers) reach >= 90 %
     greedy exact match on the test split (measured 99.0 % in ~4 minutes on one shared CPU core)."""
     from noisepo.demo import DemoConfig, run_demo
 
-    assert run_demo(DemoConfig(output=str(tmp_path / "demo"))) == 0
-    evaluation = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
-    assert evaluation["accuracy"] >= 0.9
+    assert run_demo(DemoConfig(output=str(tmp_path / "demo"), iterations=1)) == 0
+    summary = json.loads((tmp_path / "demo" / "dnpo" / "summary.json").read_text())
+    assert summary["initial_accuracy"] >= 0.9

@@ -144,8 +144,13 @@ def from_dict(cls, data: dict, *, prefix: str = "", path=None):
                               path=path)
         tp = hints[key]
         if _is_config(tp):
-            kwargs[key] = value if isinstance(value, tp) else from_dict(tp, value or {}, prefix=full + ".",
-                                                                        path=path)
+            if not isinstance(value, tp):
+                # A section given in part keeps the parent's default for the rest (SPINConfig's
+                # `dsl` default has enabled=False; `--dsl.scorer x` must not switch it back on).
+                default = _default_of(fields[key])
+                base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+                value = from_dict(tp, _merge(base, value or {}), prefix=full + ".", path=path)
+            kwargs[key] = value
         else:
             kwargs[key] = coerce(value, tp, full)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is _MISSING

@@ -6,9 +6,10 @@ OUTPUT, so a rerun with the same `--output` skips what is complete (STYLE habit 
 1. data: the addition task's imperfect "human" SFT data (10 % wrong answers by default) and its
    test split (OUTPUT/data);
 2. sft: the `tiny` preset fine-tuned on that data (OUTPUT/sft/model);
-3. eval: greedy exact match of the SFT model on the test split (OUTPUT/eval).
-
-The SPIN / DNPO iterations that follow SFT are a later issue; the demo says so when it ends.
+3. dnpo: the self-improvement loop from the SFT model (OUTPUT/dnpo): iteration 0 is SPIN, then
+   DNPO iterations with Dynamic Sample Labeling (the task's verifier as the scorer) and Noise
+   Preference Optimization; the greedy test accuracy is measured before and after every iteration.
+   The loop has its own resumable stages (noisepo.pipelines.dnpo).
 This module imports no torch at import time: the CLI imports it for `--help`.
 """
 from __future__ import annotations
@@ -46,9 +47,19 @@ class DemoConfig:
     warmup_ratio: float = option(0.05, "SFT warm-up fraction (with 3 % warm-up, lr 3e-3 stalled).")
     weight_decay: float = option(0.1, "SFT AdamW weight decay.")
     seed: int = option(0, "Seed of the data, the model's initialisation and the data order.")
+    iterations: int = option(4, "Self-improvement iterations: 0 is SPIN, 1.. are DNPO (0: stop after SFT).")
+    dnpo_prompts: int = option(2000, "SFT prompts the model answers (and is trained against) per iteration.")
+    dnpo_learning_rate: float = option(1e-5, "Learning rate of each iteration's preference training.")
+    dnpo_epochs: float = option(2.0, "Epochs over each iteration's pairs.")
+    dnpo_batch_size: int = option(16, "Batch size of each iteration's preference training.")
+    beta: float = option(0.1, "β of the SPIN/DNPO loss.")
+    dsl: bool = option(True, "Dynamic Sample Labeling from iteration 1 (the verifier relabels the pairs).")
+    npo: bool = option(True, "Noise Preference Optimization from iteration 1.")
 
     def __post_init__(self):
-        for key in ("n_train", "n_test", "max_steps", "batch_size"):
+        if self.iterations < 0:
+            raise ConfigError(f"must be >= 0, got {self.iterations}", key="iterations")
+        for key in ("n_train", "n_test", "max_steps", "batch_size", "dnpo_prompts", "dnpo_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key=key)
         if not 0 <= self.error_rate <= 1:
@@ -88,20 +99,22 @@ def stage_sft(config: DemoConfig, data: Path, folder: Path) -> dict:
             "model": metrics["model"]}
 
 
-def stage_eval(config: DemoConfig, data: Path, model_folder: str, folder: Path) -> dict:
-    from noisepo.data import load_prompts
-    from noisepo.io import write_jsonl_atomic
-    from noisepo.models import load_model, load_tokenizer
-    from noisepo.tasks import load_task
-    from noisepo.training.sft import evaluate_greedy
+def dnpo_config(config: DemoConfig, data: Path, model_folder: str, folder: Path):
+    """The DNPO loop's options for the demo: the verifier judges (DSL), answers are a few tokens."""
+    from noisepo.pipelines.dnpo_config import DNPOConfig, DSLOptions, GenerationOptions, NPOOptions
+    from noisepo.training.config import OptimOptions
 
-    records = load_prompts(str(data / "test.jsonl")).records
-    model = load_model(model_folder, dtype="float32")
-    tokenizer = load_tokenizer(model_folder)
-    result = evaluate_greedy(model, tokenizer, records, load_task("addition"), max_new_tokens=8)
-    write_jsonl_atomic(folder / "predictions.jsonl", result.pop("predictions"))
-    write_json_atomic(folder / "metrics.json", result)
-    return {"test_accuracy": result["accuracy"], "n": result["n"]}
+    return DNPOConfig(
+        model=model_folder, data=str(data / "sft.jsonl"), output=str(folder), iterations=config.iterations,
+        beta=config.beta, seed=config.seed, limit=config.dnpo_prompts, task="addition",
+        eval_data=str(data / "test.jsonl"), eval_limit=config.n_test, eval_max_new_tokens=8,
+        dsl=DSLOptions(enabled=config.dsl, scorer="verifier", verifier="addition"),
+        npo=NPOOptions(enabled=config.npo),
+        generation=GenerationOptions(max_new_tokens=8, batch_size=256),
+        training=OptimOptions(max_length=32, learning_rate=config.dnpo_learning_rate, epochs=config.dnpo_epochs,
+                              batch_size=config.dnpo_batch_size, warmup_ratio=0.1, seed=config.seed,
+                              logging_steps=10, report_to=["none"]),
+    )
 
 
 # --------------------------------------------------------------------------- resumable runner
@@ -158,20 +171,28 @@ def run_demo(config: DemoConfig) -> int:
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "manifest.json", {"command": "demo", "noisepo": __version__,
                                                  "config": to_dict(config)})
-    data, sft, evaluation = output / "data", output / "sft", output / "eval"
+    data, sft, loop = output / "data", output / "sft", output / "dnpo"
     rows: dict[str, tuple[dict, bool]] = {}
 
     print(f"[1/3] data: addition problems, {config.error_rate:.0%} wrong human answers -> {data}")
     rows["data"] = run_stage(data, lambda: stage_data(config, data))
     print(f"[2/3] sft: {config.model} model, {config.max_steps} steps -> {sft}")
     rows["sft"] = run_stage(sft, lambda: stage_sft(config, data, sft))
-    print(f"[3/3] eval: greedy exact match on the test split -> {evaluation}")
-    rows["eval"] = run_stage(evaluation, lambda: stage_eval(config, data, rows["sft"][0]["model"], evaluation))
-
     print()
     print(summary_table(rows))
-    print()
     print(f"Training curves: tensorboard --logdir {sft / 'logs'}")
-    print("The SPIN / DNPO self-play iterations that follow SFT are not implemented yet (a later issue);")
-    print(f"this demo stops after SFT. Rerun with --output {output} to reuse the finished stages.")
+    if config.iterations == 0:
+        return 0
+    from noisepo.pipelines.dnpo import dnpo, summary_table as dnpo_table
+
+    methods = " + ".join(name for name, on in (("DSL", config.dsl), ("NPO", config.npo)) if on) or "SPIN only"
+    print(f"\n[3/3] dnpo: iteration 0 = SPIN, 1..{config.iterations - 1} = {methods}; "
+          f"{config.dnpo_prompts} prompts per iteration -> {loop}")
+    summary = dnpo(dnpo_config(config, data, rows["sft"][0]["model"], loop))
+    print()
+    print(dnpo_table(summary))
+    print(f"\naccuracy: greedy exact match on {config.n_test} held-out test problems; pairs: trainable pairs "
+          "(identical texts left out); flipped: pairs the verifier relabelled (model answer better than the "
+          "human one); mean σ: the NPO noise head's mean scale.")
+    print(f"Final model: {summary['model']}. Rerun with --output {output} to reuse the finished stages.")
     return 0
