@@ -183,7 +183,8 @@ def run_demo(config: DemoConfig) -> int:
     print(f"Training curves: tensorboard --logdir {sft / 'logs'}")
     if config.iterations == 0:
         return 0
-    from noisepo.pipelines.dnpo import dnpo, summary_table as dnpo_table
+    from noisepo.pipelines.dnpo import dnpo
+    from noisepo.pipelines.dnpo import summary_table as dnpo_table
 
     methods = " + ".join(name for name, on in (("DSL", config.dsl), ("NPO", config.npo)) if on) or "SPIN only"
     print(f"\n[3/3] dnpo: iteration 0 = SPIN, 1..{config.iterations - 1} = {methods}; "

@@ -78,6 +78,12 @@ def append_jsonl(path, records: Iterable[dict]) -> None:
         os.fsync(handle.fileno())
 
 
+def read_jsonl(path) -> list[dict]:
+    """Every record of a JSONL file written whole (`write_jsonl_atomic`); blank lines are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def read_jsonl_prefix(path) -> list[dict]:
     """Read the complete lines of an append-only JSONL file, truncating a torn last line."""
     path = Path(path)

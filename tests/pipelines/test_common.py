@@ -42,3 +42,22 @@ def test_train_pairs_saves_a_model_and_raises_the_margin(micro_model_dir, tmp_pa
     after = pair_logps(trained, tok2, records, max_length=64)
     margin = lambda s: sum(x["chosen"] - x["rejected"] for x in s)  # noqa: E731
     assert margin(after) > margin(before) + 1.0
+
+
+def test_no_progress_silences_loading_training_and_evaluation(micro_model_dir, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from noisepo.pipelines.common import evaluate_task, transformers_progress
+
+    records = [{"prompt": "1+1=", "answer": "2"}]
+    options = OptimOptions(max_steps=1, batch_size=2, report_to=["none"])
+    evaluate_task(micro_model_dir, None, records, max_new_tokens=2, progress=True)
+    shown = capfd.readouterr().err  # the bars exist, so their absence below means something
+    assert "generate" in shown and "Loading weights" in shown
+    with transformers_progress(False):
+        result = evaluate_task(micro_model_dir, None, records, max_new_tokens=2, progress=False)
+        train_pairs(_records(2), init_model=micro_model_dir, output=tmp_path / "out", options=options,
+                    loss=LossOptions(), progress=False)
+    err = capfd.readouterr().err
+    assert result["n"] == 1 and "Loading weights" not in err and "generate" not in err and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored after the block

@@ -24,6 +24,12 @@ def test_stage_runs_once_and_marker_is_last(tmp_path):
     assert json.loads(stage.marker.read_text())["stage"] == "generate"
 
 
+def test_stage_marker_records_seconds_unless_the_summary_has_its_own(tmp_path):
+    timed = Stage(tmp_path, "train")
+    assert isinstance(timed.run(lambda: {"rows": 1})["seconds"], float)
+    assert Stage(tmp_path, "metrics").run(lambda: {"seconds": 12.5})["seconds"] == 12.5
+
+
 def test_failed_stage_leaves_no_marker(tmp_path):
     stage = Stage(tmp_path, "train")
 

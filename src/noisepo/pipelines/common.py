@@ -1,10 +1,11 @@
-"""What every loop does with models: train on pairs, score pairs and responses, evaluate on a task.
+"""What every loop does: train on pairs, score pairs and responses, evaluate on a task, print a table.
 
 Shared by the SPIN/DNPO and ROPO loops so each is a short sequence of stages. Models are passed
 around as folders (`save_pretrained`), which is what a stage writes and the next one reads.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,13 @@ class LossOptions:
     alpha: float = 14.0
 
 
-def load_policy(model_dir: str, *, dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) from a folder, on CPU: the Trainer/accelerate places it."""
+def load_policy(model_dir: str, *, dtype: str = "auto", trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer) from a folder; on CPU by default, where the Trainer/accelerate places it
+    (device="auto": the GPU when there is one, for forward passes and generation)."""
     from noisepo.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_model(model_dir, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
@@ -47,7 +49,7 @@ def save_model_atomically(model, tokenizer, folder: Path) -> None:
 
 def train_pairs(records: list[dict], *, init_model: str, output: Path, options, loss: LossOptions,
                 trainer_cls=None, trainer_kwargs: dict | None = None, dtype: str = "auto",
-                trust_remote_code: bool = False) -> dict:
+                trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Train `init_model` on preference `records`; save the policy to `output/model`; return metrics.
 
     `options` is a `noisepo.training.config.OptimOptions`. Records that carry
@@ -56,8 +58,12 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     no-grad pass before training (SPIN/DNPO: the previous iterate). A killed stage restarts from
     `init_model`, so a rerun gives the same result as an uninterrupted run with the same seed.
     """
-    from noisepo.training.preference import (PreferenceTrainer, final_metrics, tensorboard_callbacks,
-                                             training_arguments)
+    from noisepo.training.preference import (
+        PreferenceTrainer,
+        final_metrics,
+        tensorboard_callbacks,
+        training_arguments,
+    )
 
     output = Path(output)
     trainer_cls = trainer_cls or PreferenceTrainer
@@ -65,7 +71,7 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     pairs = [encode_pair(tokenizer, r, max_length=options.max_length) for r in records]
     work = output / "trainer"
     logged = _with_output(options, output)
-    args = training_arguments(logged, output_dir=str(work), save_strategy="no")
+    args = training_arguments(logged, output_dir=str(work), save_strategy="no", disable_tqdm=not progress)
     trainer = trainer_cls(model, args, pairs, loss=loss.loss, beta=loss.beta, label_smoothing=loss.label_smoothing,
                           alpha=loss.alpha, reference="precompute", processing_class=tokenizer,
                           callbacks=tensorboard_callbacks(logged), **(trainer_kwargs or {}))
@@ -129,9 +135,95 @@ def response_logps(model, tokenizer, prompts: list, responses: list, *, max_leng
 
 
 def evaluate_task(model_dir: str, task, records: list[dict], *, max_new_tokens: int = 32, batch_size: int = 64,
-                  dtype: str = "auto") -> dict:
-    """Greedy accuracy of the model in `model_dir` on held-out `records` (with `answer`) under `task`."""
+                  dtype: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Greedy accuracy of the model in `model_dir` on held-out `records` (with `answer`) under `task`,
+    on the GPU when there is one."""
     from noisepo.training.sft import evaluate_greedy
 
-    model, tokenizer = load_policy(model_dir, dtype=dtype)
-    return evaluate_greedy(model, tokenizer, records, task, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    model, tokenizer = load_policy(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, device="auto")
+    return evaluate_greedy(model, tokenizer, records, task, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress)
+
+
+class VerifierTask:
+    """A plain verifier function `(prompt, response) -> score` seen as a task (what evaluation takes)."""
+
+    def __init__(self, verifier, name: str):
+        self.verifier, self.name = verifier, name
+
+    def score(self, prompt: str, response: str) -> float:
+        return float(self.verifier(prompt, response))
+
+
+def load_evaluation(config) -> tuple[object | None, list[dict]]:
+    """(task or verifier or None, held-out records) from a loop's config, checked before any training.
+
+    Reads `task`, `eval_data`, `eval_limit`, `skip_invalid` and, where the command has one, `verifier`.
+    `--task` alone evaluates on the task's test prompts; `--eval-data` without a task or verifier
+    compares the greedy response with each record's `answer`.
+    """
+    from noisepo.data import load_prompts
+    from noisepo.errors import ConfigError
+    from noisepo.tasks import load_task, load_verifier
+
+    verifier = getattr(config, "verifier", None)
+    scorer = None
+    if config.task:
+        scorer = load_task(config.task)
+    elif verifier:
+        scorer = VerifierTask(load_verifier(verifier), verifier)
+    records: list[dict] = []
+    if config.eval_data:
+        records = load_prompts(config.eval_data, skip_invalid=config.skip_invalid).records[: config.eval_limit]
+        if scorer is None and any("answer" not in r for r in records):
+            flags = "--task or --verifier" if hasattr(config, "verifier") else "--task"
+            raise ConfigError(f"some evaluation prompts have no 'answer' column; add one or give {flags} to "
+                              "score them", key="eval_data")
+    elif config.task:
+        records = scorer.prompts(config.eval_limit, seed=0, split="test")
+    return scorer, records
+
+
+@contextlib.contextmanager
+def open_run(config, texts: list[str]):
+    """A loop's run folder (lock, manifest; `--progress` may change on resume) and its initial model:
+    yields (RunFolder, model path); a preset is built into OUTPUT/base_model from `texts`.
+
+    Reads `output`, `model`, `progress`, `seed` and `training.seed` of the loop's config.
+    """
+    from noisepo.config import to_dict
+    from noisepo.models import resolve_model
+    from noisepo.pipelines.stages import RunFolder
+
+    output = Path(config.output)
+    seeds = {"training": config.training.seed, "sampling": config.seed}
+    with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run, \
+            transformers_progress(config.progress):
+        yield run, resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """Within the block, transformers' and the hub's own progress bars ("Loading weights", downloads)
+    are off unless `enabled`; they are restored after. Never turns on bars that were off."""
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def cell(value, spec: str = "") -> str:
+    """A cell of a loop's summary table: '-' for a missing value, else `format(value, spec)`."""
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first is the header) as right-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(text.rjust(w) for text, w in zip(row, widths)) for row in rows)

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 from noisepo.errors import ConfigError
-from noisepo.io import write_json_atomic, write_jsonl_atomic
+from noisepo.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from noisepo.pipelines.dnpo_config import DNPOConfig, SPINConfig
 from noisepo.pipelines.stages import RunFolder
 
@@ -41,39 +40,6 @@ STAGES = ("generate", "score", "pairs", "train", "evaluate")
 
 def iteration_folder(k: int) -> str:
     return f"iter_{k}"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def _timed(fn):
-    def wrapped():
-        started = time.perf_counter()
-        summary = fn() or {}
-        return {**summary, "seconds": round(time.perf_counter() - started, 2)}
-    return wrapped
-
-
-def load_evaluation(config: DNPOConfig) -> tuple[object | None, list[dict]]:
-    """(task or None, held-out records), checked before any training. `--task` alone evaluates on
-    the task's test prompts; `--eval-data` without a task compares with each record's `answer`."""
-    from noisepo.data import load_prompts
-    from noisepo.tasks import load_task
-
-    task = load_task(config.task) if config.task else None
-    records: list[dict] = []
-    if config.eval_data:
-        records = load_prompts(config.eval_data, skip_invalid=config.skip_invalid).records[: config.eval_limit]
-        if task is None and any("answer" not in r for r in records):
-            raise ConfigError("some evaluation prompts have no 'answer' column; add one or give --task",
-                              key="eval_data")
-    elif task is not None:
-        records = task.prompts(config.eval_limit, seed=0, split="test")
-    if config.win_rate and not records:
-        raise ConfigError("needs evaluation prompts: give --task or --eval-data", key="win_rate")
-    return task, records
 
 
 def last_logged(history: list[dict], key: str):
@@ -100,13 +66,10 @@ class DNPORun:
         return self.initial if k == 0 else str(self.path(k - 1, "model"))
 
     def load(self, model_dir: str):
-        import torch
-
         from noisepo.pipelines.common import load_policy
 
-        model, tokenizer = load_policy(model_dir, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        c = self.config
+        model, tokenizer = load_policy(model_dir, dtype=c.dtype, trust_remote_code=c.trust_remote_code, device="auto")
         return model.eval(), tokenizer
 
     def scorer(self, cache: Path):
@@ -140,7 +103,7 @@ class DNPORun:
         """DSL's scores of the human and the model response of every prompt (cached as they arrive)."""
         from noisepo.judges.command import prompt_text
 
-        rows = _read_jsonl(self.path(k, "generations.jsonl"))
+        rows = read_jsonl(self.path(k, "generations.jsonl"))
         prompts = [prompt_text(r["prompt"]) for r in rows]  # what `noisepo score` shows a judge
         scorer = self.scorer(self.path(k, "scores.cache.sqlite"))
         try:
@@ -159,10 +122,10 @@ class DNPORun:
         """SPIN pairs (chosen = human), relabelled by DSL from iteration 1 on; identical pairs dropped."""
         from noisepo.pipelines.dsl import label_pairs
 
-        rows = _read_jsonl(self.path(k, "generations.jsonl"))
+        rows = read_jsonl(self.path(k, "generations.jsonl"))
         human_scores = model_scores = None
         if self.config.uses_dsl(k):
-            scores = _read_jsonl(self.path(k, "scores.jsonl"))
+            scores = read_jsonl(self.path(k, "scores.jsonl"))
             human_scores = [s["human_score"] for s in scores]
             model_scores = [s["model_score"] for s in scores]
         pairs, stats = label_pairs(rows, human_scores=human_scores, model_scores=model_scores)
@@ -174,7 +137,7 @@ class DNPORun:
         """The pairs of iterations k, k-1, ..., k-history (SPIN trains on t and t-1)."""
         records = []
         for j in range(max(0, k - self.config.history), k + 1):
-            records += _read_jsonl(self.path(j, "pairs.jsonl"))
+            records += read_jsonl(self.path(j, "pairs.jsonl"))
         return records
 
     def train(self, k: int) -> dict:
@@ -199,7 +162,8 @@ class DNPORun:
         shutil.rmtree(output / "model.partial", ignore_errors=True)
         metrics = train_pairs(records, init_model=self.policy(k), output=output, options=c.training,
                               loss=LossOptions("dpo", beta=c.beta), trainer_cls=trainer_cls,
-                              trainer_kwargs=trainer_kwargs, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+                              trainer_kwargs=trainer_kwargs, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
+                              progress=c.progress)
         write_json_atomic(output / "train.json", metrics)
         history = metrics.get("log_history", [])
         return {"pairs": len(records), "npo": c.uses_npo(k), "global_step": metrics.get("global_step"),
@@ -213,8 +177,9 @@ class DNPORun:
         if self.eval_records:
             from noisepo.pipelines.common import evaluate_task
 
-            result = evaluate_task(model_dir, self.task, self.eval_records,
-                                   max_new_tokens=self.config.eval_max_new_tokens, dtype=self.config.dtype)
+            c = self.config
+            result = evaluate_task(model_dir, self.task, self.eval_records, max_new_tokens=c.eval_max_new_tokens,
+                                   dtype=c.dtype, trust_remote_code=c.trust_remote_code, progress=c.progress)
             predictions = result.pop("predictions")
             write_jsonl_atomic(self.root / folder / "eval_predictions.jsonl", predictions)
             write_json_atomic(self.root / folder / "eval.json", result)
@@ -230,7 +195,7 @@ class DNPORun:
         from noisepo.judges.command import prompt_text
         from noisepo.pipelines.dsl import win_rate
 
-        old = _read_jsonl(self.root / previous / "eval_predictions.jsonl")
+        old = read_jsonl(self.root / previous / "eval_predictions.jsonl")
         prompts = [prompt_text(r["prompt"]) for r in self.eval_records]  # predictions keep their order
         scorer = self.scorer(self.root / folder / "win_rate.cache.sqlite")
         try:
@@ -290,19 +255,19 @@ class DNPORun:
         evaluating = bool(self.eval_records or self.config.lm_eval_tasks)
         initial_eval = None
         if self.eval_records:  # the SFT model's numbers: the baseline, and iteration 0's win-rate opponent
-            initial_eval = stage(BASE, "evaluate").run(_timed(lambda: self.evaluate(BASE, self.initial, None)))
+            initial_eval = stage(BASE, "evaluate").run(lambda: self.evaluate(BASE, self.initial, None))
         iterations = []
         for k in range(self.config.iterations):
             folder = iteration_folder(k)
-            stage(folder, "generate").run(_timed(lambda k=k: self.generate(k)))
+            stage(folder, "generate").run(lambda k=k: self.generate(k))
             if self.config.uses_dsl(k):
-                stage(folder, "score").run(_timed(lambda k=k: self.score(k)))
-            stage(folder, "pairs").run(_timed(lambda k=k: self.pairs(k)))
-            stage(folder, "train").run(_timed(lambda k=k: self.train(k)))
+                stage(folder, "score").run(lambda k=k: self.score(k))
+            stage(folder, "pairs").run(lambda k=k: self.pairs(k))
+            stage(folder, "train").run(lambda k=k: self.train(k))
             if evaluating:
                 previous = BASE if k == 0 else iteration_folder(k - 1)
-                stage(folder, "evaluate").run(_timed(
-                    lambda k=k, f=folder, p=previous: self.evaluate(f, str(self.path(k, "model")), p)))
+                stage(folder, "evaluate").run(
+                    lambda k=k, f=folder, p=previous: self.evaluate(f, str(self.path(k, "model")), p))
             stage(folder, "metrics").run(lambda k=k: self.metrics(k))
             iterations.append(json.loads(self.path(k, "metrics.json").read_text(encoding="utf-8")))
         summary = {"iterations": [{key: m[key] for key in SUMMARY_KEYS} for m in iterations],
@@ -318,42 +283,36 @@ SUMMARY_KEYS = ("iteration", "dsl", "npo", "prompts", "trainable_pairs", "flippe
 
 def summary_table(summary: dict) -> str:
     """The per-iteration table printed at the end of a run."""
-    def show(value, kind=""):
-        if value is None:
-            return "-"
-        return f"{value:.1%}" if kind == "%" else f"{value:.4f}" if kind == "f" else str(value)
+    from noisepo.pipelines.common import cell, format_table
 
     rows = [("iter", "method", "pairs", "flipped", "identical", "mean σ", "accuracy", "win rate", "seconds")]
     if summary.get("initial_accuracy") is not None:
-        rows.append(("sft", "-", "-", "-", "-", "-", show(summary["initial_accuracy"], "%"), "-", "-"))
+        rows.append(("sft", "-", "-", "-", "-", "-", cell(summary["initial_accuracy"], ".1%"), "-", "-"))
     for m in summary["iterations"]:
         method = {(False, False): "spin", (True, False): "dsl", (False, True): "npo", (True, True): "dnpo"}[
             (m["dsl"], m["npo"])]
-        rows.append((str(m["iteration"]), method, show(m["trainable_pairs"]), show(m["flipped"]),
-                     show(m["identical"]), show(m["sigma_mean"], "f"), show(m["accuracy"], "%"),
-                     show(m["win_rate"], "%"), show(m["seconds"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+        rows.append((str(m["iteration"]), method, cell(m["trainable_pairs"]), cell(m["flipped"]),
+                     cell(m["identical"]), cell(m["sigma_mean"], ".4f"), cell(m["accuracy"], ".1%"),
+                     cell(m["win_rate"], ".1%"), cell(m["seconds"])))
+    return format_table(rows)
 
 
 def dnpo(config: DNPOConfig) -> dict:
     """Run (or resume) every iteration; return the summary (also OUTPUT/summary.json)."""
-    from noisepo.config import to_dict
     from noisepo.data import load_sft
     from noisepo.data.chat import response_text
-    from noisepo.models import resolve_model
+    from noisepo.pipelines.common import load_evaluation, open_run
 
     loaded = load_sft(config.data, skip_invalid=config.skip_invalid)
     records = loaded.records[: config.limit] if config.limit else loaded.records
     if not records:
         raise ConfigError("holds no SFT records", key="data")
     task, eval_records = load_evaluation(config)  # found before any training
+    if config.win_rate and not eval_records:
+        raise ConfigError("needs evaluation prompts: give --task or --eval-data", key="win_rate")
     texts = [response_text(r[key]) for r in records for key in ("prompt", "completion")]
     texts += [response_text(r["prompt"]) for r in eval_records]
-    output = Path(config.output)
-    seeds = {"training": config.training.seed, "sampling": config.seed}
-    with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run:
-        initial = resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+    with open_run(config, texts) as (run, initial):
         return DNPORun(config, run, initial, records, task, eval_records).run()
 
 

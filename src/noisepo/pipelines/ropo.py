@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
-from noisepo.errors import ConfigError, NoisepoError
-from noisepo.io import atomic_open, write_json_atomic, write_jsonl_atomic
+from noisepo.errors import NoisepoError
+from noisepo.io import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
 from noisepo.pipelines.filtering import best_worst_pair, filter_quality, select_kept
 from noisepo.pipelines.ropo_config import ROPOConfig
 from noisepo.pipelines.stages import RunFolder
@@ -197,17 +196,13 @@ class Models:
         self.loaded = None
 
     def get(self, path) -> tuple:
-        import torch
-
         from noisepo.pipelines.common import load_policy
 
         if self.path != str(path):
             self.release()
-            model, tokenizer = load_policy(str(path), dtype=self.config.dtype,
-                                           trust_remote_code=self.config.trust_remote_code)
-            if torch.cuda.is_available():
-                model = model.to("cuda")
-            self.loaded, self.path = (model, tokenizer), str(path)
+            self.loaded = load_policy(str(path), dtype=self.config.dtype,
+                                      trust_remote_code=self.config.trust_remote_code, device="auto")
+            self.path = str(path)
         return self.loaded
 
     def release(self) -> None:
@@ -215,41 +210,6 @@ class Models:
 
 
 # --------------------------------------------------------------------------- evaluation
-class VerifierTask:
-    """A plain verifier function `(prompt, response) -> score` seen as a task (what evaluation takes)."""
-
-    def __init__(self, verifier, name: str):
-        self.verifier, self.name = verifier, name
-
-    def score(self, prompt: str, response: str) -> float:
-        return float(self.verifier(prompt, response))
-
-
-def load_evaluation(config: ROPOConfig) -> tuple[object | None, list[dict]]:
-    """(task or verifier or None, held-out records), checked before any training.
-
-    `--task` alone evaluates on the task's test prompts; `--eval-data` without a task or verifier
-    compares the greedy response with each record's `answer`.
-    """
-    from noisepo.data import load_prompts
-    from noisepo.tasks import load_task, load_verifier
-
-    scorer = None
-    if config.task:
-        scorer = load_task(config.task)
-    elif config.verifier:
-        scorer = VerifierTask(load_verifier(config.verifier), config.verifier)
-    records: list[dict] = []
-    if config.eval_data:
-        records = load_prompts(config.eval_data, skip_invalid=config.skip_invalid).records[: config.eval_limit]
-        if scorer is None and any("answer" not in r for r in records):
-            raise ConfigError("some evaluation prompts have no 'answer' column; add one or give --task or "
-                              "--verifier to score them", key="eval_data")
-    elif config.task:
-        records = scorer.prompts(config.eval_limit, seed=0, split="test")
-    return scorer, records
-
-
 def verified(scorer, prompt_text: str, response: str) -> float | None:
     """The verifier's score of a refill response; None when the prompt is not one it can check."""
     try:
@@ -279,14 +239,7 @@ class ROPORun:
         return self.initial if r < 0 else str(self.path(r, "model"))
 
     def originals(self) -> list[dict]:
-        return _read_jsonl(self.path(REFERENCE, "pairs.jsonl"))
-
-    def timed(self, fn):
-        def wrapped():
-            started = time.perf_counter()
-            summary = fn() or {}
-            return {**summary, "seconds": round(time.perf_counter() - started, 2)}
-        return wrapped
+        return read_jsonl(self.path(REFERENCE, "pairs.jsonl"))
 
     # ------------------------------------------------------------------ stages
     def reference(self, records: list[dict]) -> dict:
@@ -305,8 +258,9 @@ class ROPORun:
         from noisepo.pipelines.common import evaluate_task
 
         self.models.release()
-        result = evaluate_task(model_dir, self.scorer, self.eval_records,
-                               max_new_tokens=self.config.eval_max_new_tokens, dtype=self.config.dtype)
+        c = self.config
+        result = evaluate_task(model_dir, self.scorer, self.eval_records, max_new_tokens=c.eval_max_new_tokens,
+                               dtype=c.dtype, trust_remote_code=c.trust_remote_code, progress=c.progress)
         write_jsonl_atomic(self.root / folder / "eval_predictions.jsonl", result.pop("predictions"))
         write_json_atomic(self.root / folder / "eval.json", result)
         return {k: result.get(k) for k in ("accuracy", "correct", "n", "graded_score") if k in result}
@@ -317,9 +271,9 @@ class ROPORun:
         refills. A record's own `weight` multiplies w."""
         if r == 0 or not self.config.filtering:
             return originals, {"originals": len(originals), "refills": 0}
-        previous = _read_jsonl(self.path(r - 1, "pairs.jsonl"))
+        previous = read_jsonl(self.path(r - 1, "pairs.jsonl"))
         kept = [record for record, row in zip(originals, previous, strict=True) if row["weight"] > 0]
-        refills = _read_jsonl(self.path(r - 1, "refills.jsonl"))
+        refills = read_jsonl(self.path(r - 1, "refills.jsonl"))
         return kept + refills, {"originals": len(kept), "refills": len(refills)}
 
     def train(self, r: int) -> dict:
@@ -331,7 +285,7 @@ class ROPORun:
         metrics = train_pairs(records, init_model=self.model_of(r - 1), output=self.root / round_folder(r),
                               options=c.training, loss=LossOptions(c.loss, beta=c.beta,
                                                                    label_smoothing=c.label_smoothing, alpha=c.alpha),
-                              dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+                              dtype=c.dtype, trust_remote_code=c.trust_remote_code, progress=c.progress)
         write_json_atomic(self.path(r, "train.json"), metrics)
         return {"pairs": len(records), **composition, "global_step": metrics.get("global_step"),
                 "train_loss": metrics.get("train_loss"), "init_model": self.model_of(r - 1)}
@@ -356,7 +310,7 @@ class ROPORun:
         """Keep the (1−ρ)N lowest ℓ_ropo (all pairs without filtering); precision/recall and the loss
         histograms when the data says which labels were flipped."""
         originals = self.originals()
-        scores = _read_jsonl(self.path(r, "scores.jsonl"))
+        scores = read_jsonl(self.path(r, "scores.jsonl"))
         losses = [row["loss"] for row in scores]
         kept = select_kept(losses, self.config.rho) if self.config.filtering else [True] * len(losses)
         flipped = _flipped(originals)
@@ -403,7 +357,7 @@ class ROPORun:
         from noisepo.pipelines.common import pair_logps, response_logps
 
         originals = self.originals()
-        kept = [row["kept"] for row in _read_jsonl(self.path(r, "pairs.jsonl"))]
+        kept = [row["kept"] for row in read_jsonl(self.path(r, "pairs.jsonl"))]
         groups = discarded_groups(originals, kept)
         prompts = [originals[group[0]]["prompt"] for group in groups]
         model, tokenizer = self.models.get(self.model_of(r))
@@ -464,19 +418,19 @@ class ROPORun:
     # ------------------------------------------------------------------ driver
     def run(self, records: list[dict]) -> dict:
         stage = self.run_folder.stage
-        stage(REFERENCE, "reference").run(self.timed(lambda: self.reference(records)))
+        stage(REFERENCE, "reference").run(lambda: self.reference(records))
         initial_eval = None
         if self.eval_records:
-            initial_eval = stage(REFERENCE, "evaluate").run(self.timed(lambda: self.evaluate(REFERENCE, self.initial)))
+            initial_eval = stage(REFERENCE, "evaluate").run(lambda: self.evaluate(REFERENCE, self.initial))
         rounds = []
         for r in range(self.config.rounds):
             folder = round_folder(r)
-            stage(folder, "train").run(self.timed(lambda r=r: self.train(r)))
-            stage(folder, "score").run(self.timed(lambda r=r: self.score(r)))
-            stage(folder, "filter").run(self.timed(lambda r=r: self.filter(r)))
-            stage(folder, "refill").run(self.timed(lambda r=r: self.refill(r)))
+            stage(folder, "train").run(lambda r=r: self.train(r))
+            stage(folder, "score").run(lambda r=r: self.score(r))
+            stage(folder, "filter").run(lambda r=r: self.filter(r))
+            stage(folder, "refill").run(lambda r=r: self.refill(r))
             if self.eval_records:
-                stage(folder, "evaluate").run(self.timed(lambda r=r, f=folder: self.evaluate(f, self.model_of(r))))
+                stage(folder, "evaluate").run(lambda r=r, f=folder: self.evaluate(f, self.model_of(r)))
             stage(folder, "metrics").run(lambda r=r: self.metrics(r))
             rounds.append(json.loads(self.path(r, "metrics.json").read_text(encoding="utf-8")))
         summary = {"rounds": [{k: m[k] for k in ("round", "trained_pairs", "kept", "discarded", "refills",
@@ -487,11 +441,6 @@ class ROPORun:
                    "model": self.model_of(self.config.rounds - 1)}
         write_json_atomic(self.root / "summary.json", summary)
         return summary
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _flipped(records: list[dict]) -> list[bool] | None:
@@ -531,39 +480,30 @@ def plot_loss_histogram(distribution: dict, path: Path, *, title: str = "") -> s
 
 def summary_table(summary: dict) -> str:
     """The per-round table printed at the end of a run."""
-    def show(value, kind=""):
-        if value is None:
-            return "-"
-        return f"{value:.1%}" if kind == "%" else f"{value:.3f}" if kind == "f" else str(value)
+    from noisepo.pipelines.common import cell, format_table
 
     rows = [("round", "trained", "kept", "refills", "precision", "recall", "auroc", "accuracy", "seconds")]
     if summary.get("initial_accuracy") is not None:
-        rows.append(("initial", "-", "-", "-", "-", "-", "-", show(summary["initial_accuracy"], "%"), "-"))
+        rows.append(("initial", "-", "-", "-", "-", "-", "-", cell(summary["initial_accuracy"], ".1%"), "-"))
     for m in summary["rounds"]:
-        rows.append((str(m["round"]), show(m["trained_pairs"]), show(m["kept"]), show(m["refills"]),
-                     show(m["filter_precision"], "f"), show(m["filter_recall"], "f"), show(m["auroc_flipped"], "f"),
-                     show(m["accuracy"], "%"),
-                     show(m["seconds"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+        rows.append((str(m["round"]), cell(m["trained_pairs"]), cell(m["kept"]), cell(m["refills"]),
+                     cell(m["filter_precision"], ".3f"), cell(m["filter_recall"], ".3f"),
+                     cell(m["auroc_flipped"], ".3f"), cell(m["accuracy"], ".1%"), cell(m["seconds"])))
+    return format_table(rows)
 
 
 def ropo(config: ROPOConfig) -> dict:
     """Run (or resume) every round; return the summary (also OUTPUT/summary.json)."""
-    from noisepo.config import to_dict
     from noisepo.data import load_preferences
     from noisepo.data.chat import response_text
-    from noisepo.models import resolve_model
+    from noisepo.pipelines.common import load_evaluation, open_run
 
     loaded = load_preferences(config.data, skip_invalid=config.skip_invalid)
     scorer, eval_records = load_evaluation(config)  # found before any training
     records = loaded.records
     texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]
     texts += [response_text(r["prompt"]) for r in eval_records]
-    output = Path(config.output)
-    seeds = {"training": config.training.seed, "sampling": config.seed}
-    with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run:
-        initial = resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+    with open_run(config, texts) as (run, initial):
         return ROPORun(config, run, initial, scorer, eval_records).run(records)
 
 

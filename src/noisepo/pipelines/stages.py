@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -68,12 +69,17 @@ class Stage:
         write_json_atomic(self.marker, record)
 
     def run(self, fn: Callable[[], dict | None]) -> dict:
-        """Run `fn` unless already done; `fn` writes its artifacts and returns a summary dict."""
+        """Run `fn` unless already done; `fn` writes its artifacts and returns a summary dict.
+
+        The marker also records `seconds`, the time `fn` took, unless the summary gives its own (a
+        loop's metrics stage reports the total of the stages it sums up).
+        """
         if self.done:
             return self.summary()
         Path(self.folder).mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         summary = fn() or {}
-        self.complete(summary)
+        self.complete({**summary, "seconds": summary.get("seconds", round(time.perf_counter() - started, 2))})
         return self.summary()
 
 
