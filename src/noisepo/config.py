@@ -36,6 +36,12 @@ def option(default: Any = _MISSING, help: str = "", *, choices=None, positional:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def check(condition: bool, key: str, message: str) -> None:
+    """Validation in a config's `__post_init__`: ConfigError naming `key` unless `condition`."""
+    if not condition:
+        raise ConfigError(message, key=key)
+
+
 # --------------------------------------------------------------------------- types
 def _resolved_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)

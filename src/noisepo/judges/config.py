@@ -8,15 +8,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from noisepo.config import option
-from noisepo.errors import ConfigError
+from noisepo.config import check, option
 
 ScorerName = Literal["openai", "reward-model", "verifier", "local-lm"]
-
-
-def check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(message, key=key)
 
 
 @dataclass

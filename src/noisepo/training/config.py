@@ -7,15 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from noisepo.config import option
-from noisepo.errors import ConfigError
+from noisepo.config import check, option
 
 LossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "ropo"]
-
-
-def check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(message, key=key)
 
 
 @dataclass
