@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+def run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(micro_model_dir, tmp_path):
     script = tmp_path / "step.py"
@@ -44,12 +49,12 @@ def test_two_processes_equal_one(micro_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    subprocess.run([sys.executable, str(script), micro_model_dir, str(one), "8", "1"], check=True,
-                   capture_output=True)
+    run([sys.executable, str(script), micro_model_dir, str(one), "8", "1"])
     # torchrun, not `accelerate launch --cpu`, which starts a single process; the Trainer's accelerator
-    # picks the process group up from the environment either way.
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                    micro_model_dir, str(two), "2", "2"], check=True, capture_output=True)
+    # picks the process group up from the environment either way. --standalone: a free local port
+    # for the rendezvous, so a busy 29500 (another job) cannot fail the test.
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         micro_model_dir, str(two), "2", "2"])
     single, distributed = torch.load(one / "params.pt"), torch.load(two / "params.pt")
     for name, value in single.items():
         assert torch.allclose(value, distributed[name], atol=1e-6), name
