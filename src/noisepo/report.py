@@ -1,0 +1,446 @@
+"""`noisepo report`: a Markdown report with tables and PNG plots from finished run folders.
+
+Reads what `noisepo dnpo` / `noisepo spin` (`iter_<k>/metrics.json`) and `noisepo ropo`
+(`round_<r>/metrics.json`, `round_<r>/loss_histogram.json`, `reference/pairs.jsonl`) leave behind, plus
+every run's `manifest.json` and `summary.json`. Nothing is recomputed, so no torch is imported.
+
+Runs are grouped by method, and within a group by seed (the manifest's `seeds`); runs whose options
+differ in anything but the seed, output, data and model paths form separate groups, labelled by the
+options that differ, so other hyperparameters are never averaged as if they were seeds:
+- DNPO/SPIN runs: `spin`, `dsl`, `npo` or `dnpo` from the manifest's `dsl.enabled` / `npo.enabled`.
+- ROPO runs: `ropo[<loss>, filter|no-filter]`, and the label-noise rate: the share of
+  `label_flipped: true` pairs in `reference/pairs.jsonl` when every pair carries the flag, else a
+  number in the run folder's name after `noise`, `flip` or `rate` (`runs/ropo-noise0.2-s1`), else none.
+A run's label is its folder name. Tables give mean ± std (sample std, n − 1) over the finished seeds of
+a group and list every seed beside it; a folder without `summary.json` is listed as incomplete (its
+finished iterations still appear per seed, but not in the means).
+
+OUTPUT/report.md links the plots, written beside it (matplotlib, the `report` extra, Agg backend):
+`accuracy_per_iteration.png` (DNPO runs), `ropo_filter.png` (filter precision/recall per round),
+`ropo_histograms_<run>.png` (ℓ_ropo of clean vs flipped pairs per round), and
+`accuracy_vs_flip_rate.png` when ROPO runs carry at least two different noise rates.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from noisepo.config import check, option
+from noisepo.errors import ConfigError, InputError
+from noisepo.io import atomic_open
+
+
+@dataclass
+class ReportConfig:
+    """Markdown report (tables + PNG plots) from finished `dnpo` / `spin` / `ropo` run folders."""
+
+    runs: list[str] = option(default_factory=list, help="Run folders, comma-separated; each may be a glob "
+                                                        "(`--runs 'runs/dnpo-*,runs/ropo-s0'`).")
+    output: str = option("", "Folder for report.md and its PNG plots (created).")
+    title: str = option("noisepo report", "Title of the report.")
+
+    def __post_init__(self):
+        check(bool(self.runs), "runs", "give at least one run folder (--runs A,B,...)")
+        check(bool(self.output), "output", "is required (the folder for report.md)")
+
+
+# --------------------------------------------------------------------------- reading run folders
+@dataclass
+class Run:
+    path: Path
+    kind: str  # "dnpo" or "ropo"
+    method: str
+    seeds: dict
+    noise_rate: float | None
+    summary: dict | None  # None: incomplete
+    steps: list[dict] = field(default_factory=list)  # iter_<k> / round_<r> metrics.json, in order
+    histograms: list[tuple[int, dict]] = field(default_factory=list)  # (round, loss_histogram.json)
+    config: dict = field(default_factory=dict)  # the manifest's config
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def seed_label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.seeds.items())) or "-"
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"not valid JSON ({err.msg} at line {err.lineno})", path=path) from None
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror}", path=path) from None
+
+
+def _numbered(root: Path, prefix: str) -> list[tuple[int, Path]]:
+    found = []
+    for child in root.glob(f"{prefix}_*"):
+        suffix = child.name[len(prefix) + 1:]
+        if child.is_dir() and suffix.isdigit():
+            found.append((int(suffix), child))
+    return sorted(found)
+
+
+_RATE_IN_NAME = re.compile(r"(?:noise|flip|rate)[-_=]?(\d*\.?\d+)", re.IGNORECASE)
+
+
+def _noise_rate(root: Path) -> float | None:
+    """Share of flipped pairs in the ROPO reference data when every pair records it, else from the name."""
+    pairs = root / "reference" / "pairs.jsonl"
+    if pairs.is_file():
+        flags = []
+        with pairs.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    flag = json.loads(line).get("label_flipped")
+                except json.JSONDecodeError:
+                    raise InputError("not valid JSON", path=pairs, line=number) from None
+                if not isinstance(flag, bool):
+                    flags = []
+                    break
+                flags.append(flag)
+        if flags:
+            return sum(flags) / len(flags)
+    match = _RATE_IN_NAME.search(root.name)
+    if match:
+        rate = float(match.group(1))
+        return rate / 100 if rate > 1 else rate  # "noise20" means 20 %
+    return None
+
+
+def load_run(path) -> Run:
+    """One run folder; InputError naming it when it is not one (no manifest, unknown loop, bad JSON)."""
+    root = Path(path)
+    if not (root / "manifest.json").is_file():
+        raise InputError("not a run folder of noisepo dnpo/spin/ropo (no manifest.json)", path=root)
+    manifest = _read_json(root / "manifest.json")
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(config, dict):
+        raise InputError("manifest has no 'config' object", path=root / "manifest.json")
+    seeds = manifest.get("seeds") or {}
+    summary = _read_json(root / "summary.json") if (root / "summary.json").is_file() else None
+    if isinstance(config.get("dsl"), dict) and isinstance(config.get("npo"), dict):
+        dsl, npo = bool(config["dsl"].get("enabled")), bool(config["npo"].get("enabled"))
+        method = {(False, False): "spin", (True, False): "dsl", (False, True): "npo", (True, True): "dnpo"}[dsl, npo]
+        steps = [_read_json(p / "metrics.json") for _, p in _numbered(root, "iter") if (p / "metrics.json").is_file()]
+        return Run(root, "dnpo", method, seeds, None, summary, steps, config=config)
+    if "loss" in config and "rho" in config:
+        filtering = bool(config.get("filter", True)) and float(config.get("rho", 0)) > 0
+        method = f"ropo[{config['loss']}, {'filter' if filtering else 'no-filter'}]"
+        steps, histograms = [], []
+        for r, folder in _numbered(root, "round"):
+            if (folder / "metrics.json").is_file():
+                steps.append(_read_json(folder / "metrics.json"))
+            if (folder / "loss_histogram.json").is_file():
+                histograms.append((r, _read_json(folder / "loss_histogram.json")))
+        return Run(root, "ropo", method, seeds, _noise_rate(root), summary, steps, histograms, config=config)
+    raise InputError("manifest is not of a dnpo/spin/ropo run (no dsl/npo or loss/rho options)",
+                     path=root / "manifest.json")
+
+
+def expand_runs(patterns: list[str]) -> list[Path]:
+    """Each entry as a glob (sorted) when it has glob characters, else as it is; duplicates once."""
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ConfigError(f"{pattern!r} matches no folder", key="runs")
+        for match in matches:
+            if Path(match) not in out:
+                out.append(Path(match))
+    return out
+
+
+# --------------------------------------------------------------------------- numbers
+def mean_std(values: list[float]) -> tuple[float, float | None] | None:
+    """(mean, sample std) of the finite values; std None for a single value; None for none."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    if value is None or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def fmt_mean_std(values: list, spec: str = ".3f") -> str:
+    stats = mean_std(values)
+    if stats is None:
+        return "-"
+    mean, std = stats
+    n = sum(1 for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    return f"{format(mean, spec)} ± {'-' if std is None else format(std, spec)} (n={n})"
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}" if abs(rate * 100 - round(rate * 100)) < 1e-9 else f"{rate:.1%}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _final(run: Run, key: str):
+    """The last iteration's / round's value of `key` (from the summary when finished)."""
+    steps = run.summary.get("iterations" if run.kind == "dnpo" else "rounds", []) if run.summary else run.steps
+    return steps[-1].get(key) if steps else None
+
+
+# --------------------------------------------------------------------------- plots
+def _figure_tools():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("the plots need matplotlib: pip install 'noisepo[report]'", key="report") from None
+    return Figure, FigureCanvasAgg
+
+
+def _save(figure, path: Path) -> str:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    with atomic_open(path, "wb", encoding=None) as handle:
+        handle.write(buffer.getvalue())
+    return path.name
+
+
+def _new_axes(Figure, Canvas, ncols: int = 1, size=(6, 3.5)):
+    figure = Figure(figsize=(size[0] * ncols, size[1]))
+    Canvas(figure)
+    axes = figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, axes
+
+
+def _per_step(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and std (0 for one seed) of `key` over the finished runs of a group."""
+    finished = [r for r in runs if r.complete]
+    length = max((len(r.steps) for r in finished), default=0)
+    xs, means, stds = [], [], []
+    for k in range(length):
+        stats = mean_std([r.steps[k].get(key) for r in finished if k < len(r.steps)])
+        if stats is not None:
+            xs.append(k)
+            means.append(stats[0])
+            stds.append(stats[1] or 0.0)
+    return xs, means, stds
+
+
+def _label(group: tuple) -> str:
+    method, rate, variant = group
+    name = method if not variant else f"{method} ({variant})"
+    return name if rate is None else f"{name} @ {_rate(rate)} flipped"
+
+
+# Options that may differ between the seeds of one group: everything else must match, so runs with
+# other hyperparameters are never averaged together as if they were seeds.
+SEED_LIKE = {"output", "seed", "training.seed", "progress", "data", "model"}
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
+    """(method, flip rate, variant) -> runs. Runs of one method whose configs differ beyond SEED_LIKE
+    options are separate groups, labelled by the options that differ (`training.learning_rate=3e-05`)."""
+    by_method: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault((run.method, run.noise_rate), []).append(run)
+    groups: dict[tuple, list[Run]] = {}
+    for (method, rate), members in by_method.items():
+        flats = [{k: v for k, v in _flat(r.config).items() if k not in SEED_LIKE} for r in members]
+        differing = sorted({k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1})
+        for run, flat in zip(members, flats):
+            variant = ", ".join(f"{k}={flat.get(k)}" for k in differing)
+            groups.setdefault((method, rate, variant), []).append(run)
+    return groups
+
+
+def plot_lines(groups: dict, keys: list[tuple[str, str]], path: Path, *, xlabel: str, title: str) -> str | None:
+    """One panel per (key, label): the per-step mean ± std of every group; None when nothing to draw."""
+    Figure, Canvas = _figure_tools()
+    figure, axes = _new_axes(Figure, Canvas, len(keys))
+    drawn = False
+    for ax, (key, ylabel) in zip(axes, keys):
+        for group, runs in groups.items():
+            xs, means, stds = _per_step(runs, key)
+            if xs:
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=_label(group))
+                drawn = True
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.02, 1.02)  # every plotted metric is a rate in [0, 1]
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return _save(figure, path) if drawn else None
+
+
+def plot_histograms(run: Run, path: Path) -> str | None:
+    """ℓ_ropo histograms per round: clean vs flipped when the data says, else kept vs discarded."""
+    if not run.histograms:
+        return None
+    Figure, Canvas = _figure_tools()
+    figure, axes = _new_axes(Figure, Canvas, len(run.histograms), size=(4.5, 3.2))
+    for ax, (r, hist) in zip(axes, run.histograms):
+        counts = hist.get("counts", {})
+        for name in (("clean", "flipped") if "flipped" in counts else ("kept", "discarded")):
+            if name in counts:
+                ax.stairs(counts[name], hist["bin_edges"], label=f"{name} ({sum(counts[name])})")
+        ax.set_title(f"{run.name}: round {r}")
+        ax.set_xlabel("ℓ_ropo")
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_accuracy_vs_rate(runs: list[Run], path: Path) -> str | None:
+    """Final accuracy (mean ± std over seeds) against the flip rate, one line per ROPO method."""
+    Figure, Canvas = _figure_tools()
+    figure, axes = _new_axes(Figure, Canvas)
+    ax = axes[0]
+    for method in sorted({r.method for r in runs}):
+        points = []
+        for rate in sorted({r.noise_rate for r in runs if r.method == method}):
+            stats = mean_std([_final(r, "accuracy") for r in runs if r.method == method and r.noise_rate == rate])
+            if stats is not None:
+                points.append((rate, stats[0], stats[1] or 0.0))
+        if points:
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        marker="o", capsize=3, label=method)
+    if not ax.get_legend_handles_labels()[0]:
+        return None
+    ax.set_xlabel("flip rate")
+    ax.set_ylabel("final accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- the report
+DNPO_METRICS = [("accuracy", "accuracy", ".3f"), ("win_rate", "win rate", ".3f"),
+                ("flipped", "DSL flipped pairs", ".1f"), ("sigma_mean", "mean σ (NPO)", ".4f")]
+ROPO_METRICS = [("accuracy", "accuracy", ".3f"), ("filter_precision", "filter precision", ".3f"),
+                ("filter_recall", "filter recall", ".3f"), ("auroc_flipped", "AUROC (flipped vs clean)", ".3f")]
+
+
+def _group_section(group, runs: list[Run]) -> list[str]:
+    kind = runs[0].kind
+    step_name = "iteration" if kind == "dnpo" else "round"
+    metrics = DNPO_METRICS if kind == "dnpo" else ROPO_METRICS
+    finished = [r for r in runs if r.complete]
+    lines = [f"### {_label(group)}", "",
+             f"{len(runs)} run(s), {len(finished)} finished; mean ± std over the finished seeds.", ""]
+    length = max((len(r.steps) for r in runs), default=0)
+    for key, title, spec in metrics:
+        if not any(s.get(key) is not None for r in runs for s in r.steps):
+            continue
+        head = [step_name, "mean ± std"] + [f"{r.name} ({r.seed_label})" + ("" if r.complete else " — incomplete")
+                                            for r in runs]
+        rows = [head]
+        initial = [r.summary.get("initial_accuracy") for r in finished] if key == "accuracy" else []
+        if any(v is not None for v in initial):
+            rows.append(["initial", fmt_mean_std(initial, spec)]
+                        + [fmt(r.summary.get("initial_accuracy"), spec) if r.complete else "-" for r in runs])
+        for k in range(length):
+            values = [r.steps[k].get(key) if k < len(r.steps) else None for r in runs]
+            done = [v for r, v in zip(runs, values) if r.complete]
+            rows.append([str(k), fmt_mean_std(done, spec)] + [fmt(v, spec) for v in values])
+        lines += [f"**{title}**", "", _table(rows), ""]
+    return lines
+
+
+def write_report(runs: list[Run], output: Path, title: str = "noisepo report") -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    lines = [f"# {title}", "", "## Runs", ""]
+    rows = [["run", "loop", "method", "flip rate", "seeds", "status", "iterations/rounds with metrics"]]
+    for run in runs:
+        rows.append([str(run.path), run.kind, run.method, _rate(run.noise_rate), run.seed_label,
+                     "finished" if run.complete else "incomplete (no summary.json)", str(len(run.steps))])
+    lines += [_table(rows), ""]
+
+    lines += ["## Final numbers", "", "The last iteration's / round's value; mean ± std over the finished "
+              "seeds, then every seed.", ""]
+    rows = [["method", "flip rate", "seeds", "final accuracy", "per seed"]]
+    for group, members in groups.items():
+        finished = [r for r in members if r.complete]
+        per_seed = "; ".join(f"{r.seed_label}: {fmt(_final(r, 'accuracy'))}" if r.complete
+                             else f"{r.seed_label}: incomplete" for r in members)
+        rows.append([_label((group[0], None, group[2])), _rate(group[1]), str(len(members)),
+                     fmt_mean_std([_final(r, "accuracy") for r in finished]), per_seed])
+    lines += [_table(rows), ""]
+
+    lines += ["## Per iteration / round", ""]
+    for group, members in groups.items():
+        lines += _group_section(group, members)
+
+    plots = []
+    dnpo_groups = {g: m for g, m in groups.items() if m[0].kind == "dnpo"}
+    ropo_groups = {g: m for g, m in groups.items() if m[0].kind == "ropo"}
+    if dnpo_groups:
+        plots.append(("Accuracy per iteration (DNPO/SPIN)", plot_lines(
+            dnpo_groups, [("accuracy", "accuracy")], output / "accuracy_per_iteration.png",
+            xlabel="iteration", title="accuracy per iteration")))
+    if ropo_groups:
+        plots.append(("ROPO filter precision and recall per round", plot_lines(
+            ropo_groups, [("filter_precision", "precision"), ("filter_recall", "recall")],
+            output / "ropo_filter.png", xlabel="round", title="noise filter")))
+        for run in (r for m in ropo_groups.values() for r in m):
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
+            plots.append((f"ℓ_ropo histograms: {run.name}", plot_histograms(run, output / f"ropo_histograms_{slug}.png")))
+        ropo_runs = [r for m in ropo_groups.values() for r in m if r.complete and r.noise_rate is not None]
+        if len({r.noise_rate for r in ropo_runs}) >= 2:
+            plots.append(("Final accuracy against flip rate", plot_accuracy_vs_rate(
+                ropo_runs, output / "accuracy_vs_flip_rate.png")))
+    drawn = [(caption, name) for caption, name in plots if name]
+    if drawn:
+        lines += ["## Plots", ""]
+        for caption, name in drawn:
+            lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    report = output / "report.md"
+    with atomic_open(report, "w") as handle:
+        handle.write("\n".join(lines))
+    return report
+
+
+def run_report(config: ReportConfig) -> int:
+    _figure_tools()  # a missing extra fails before anything is read
+    runs = [load_run(path) for path in expand_runs(config.runs)]
+    report = write_report(runs, Path(config.output), config.title)
+    incomplete = sum(not r.complete for r in runs)
+    print(f"report: {report} ({len(runs)} runs, {incomplete} incomplete)")
+    return 0
