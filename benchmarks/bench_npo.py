@@ -130,11 +130,11 @@ def _floors(s: dict, trunk_params: int) -> dict:
 
 def npo_vs_dpo_time(quick: bool) -> dict:
     import torch
-    from bench_training import Stepper
+    from bench_training import Stepper, alternate
 
     torch.set_num_threads(1)
     s = _sizes(quick)
-    rounds, steps = (5, 1) if quick else (5, 1)
+    rounds, steps = 5, 1
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", s)
         pairs = synthetic_pairs(s, 4 * s["batch"])
@@ -144,16 +144,8 @@ def npo_vs_dpo_time(quick: bool) -> dict:
                     if "embed" not in n and "lm_head" not in n)
         for stepper in steppers.values():
             stepper.run(1)  # warm-up
-        times = {kind: [] for kind in steppers}
-        for round_ in range(rounds):
-            order = list(steppers) if round_ % 2 == 0 else list(reversed(steppers))
-            for kind in order:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                seconds, _ = steppers[kind].run(steps)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times[kind].append(seconds / steps)
+        times = {kind: [seconds / steps for seconds, _ in runs]
+                 for kind, runs in alternate(steppers, rounds, steps).items()}
     npo, dpo = statistics.median(times["npo"]), statistics.median(times["dpo"])
     cached = statistics.median(times["npo_cached"])
     return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
@@ -171,10 +163,9 @@ def _shape(s: dict) -> str:
 
 
 def _vm(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    from bench_training import proc_status_mb
+
+    return proc_status_mb(field)
 
 
 def _memory_child(kind: str, quick: bool, model_dir: str) -> None:

@@ -91,13 +91,20 @@ def real_tokens(batch) -> int:
     return int((batch["sequence_ids"] >= 0).sum())
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS, VmRSS: current), MiB;
+    0.0 where there is no /proc."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss_self_mb() -> float:
     """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across exec, so a child
     would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return proc_status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Stepper:
@@ -129,6 +136,25 @@ class Stepper:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start, tokens
+
+
+def alternate(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str, list[tuple[float, int]]]:
+    """Time every stepper `rounds` times, `steps` steps each, alternating the order every round so
+    neither side always runs first; returns name -> [(seconds, tokens)] per round. CUDA work is
+    synchronised around each timing."""
+    import torch
+
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in steppers}
+    for round_ in range(rounds):
+        order = list(steppers) if round_ % 2 == 0 else list(reversed(steppers))
+        for name in order:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds, tokens = steppers[name].run(steps)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            results[name].append((seconds, tokens))
+    return results
 
 
 def peak_rss_mb(which: str, quick: bool) -> float:
@@ -168,12 +194,8 @@ def dpo_step_vs_trl(quick: bool) -> dict:
                                                        padding_free=False))}
         for stepper in steppers.values():
             stepper.run(2)  # warm-up
-        rates = {name: [] for name in steppers}
-        for round_ in range(rounds):
-            order = list(steppers) if round_ % 2 == 0 else list(reversed(steppers))
-            for name in order:
-                seconds, tokens = steppers[name].run(steps)
-                rates[name].append(tokens / seconds)
+        rates = {name: [tokens / seconds for seconds, tokens in runs]
+                 for name, runs in alternate(steppers, rounds, steps).items()}
     ours, trl = statistics.median(rates["ours"]), statistics.median(rates["trl"])
     rss = {name: peak_rss_mb(name, quick) for name in ("ours", "trl")}
     return {"name": "dpo_step_vs_trl", "ours": round(ours, 1), "baseline": round(trl, 1), "unit": "tokens/s",
@@ -189,10 +211,7 @@ def _logprob_shapes(quick: bool) -> tuple[int, int, int, int]:
 
 
 def _vm_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_mb("VmRSS")
 
 
 def _logprob_child(variant: str, quick: bool) -> None:

@@ -40,6 +40,16 @@ def encode_pair(tokenizer: Any, record: dict, *, max_length: int) -> dict:
     return pair
 
 
+def pair_columns(pairs: list[dict]) -> dict[str, torch.Tensor]:
+    """The per-pair columns of a batch, (B,) each: `weight` (default 1), and the reference columns
+    when every pair has them."""
+    columns = {"weight": torch.tensor([float(p.get("weight", 1.0)) for p in pairs], dtype=torch.float32)}
+    for column in REFERENCE_COLUMNS:
+        if all(column in p for p in pairs):
+            columns[column] = torch.tensor([p[column] for p in pairs], dtype=torch.float32)
+    return columns
+
+
 def pair_length(pair: dict) -> int:
     """Tokens of the longer side: what the pair costs in a padded batch."""
     return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
@@ -70,11 +80,8 @@ class PreferenceCollator:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "weight": torch.tensor([float(p.get("weight", 1.0)) for p in pairs], dtype=torch.float32),
+            **pair_columns(pairs),
         }
-        for column in REFERENCE_COLUMNS:
-            if all(column in p for p in pairs):
-                batch[column] = torch.tensor([p[column] for p in pairs], dtype=torch.float32)
         return batch
 
 
@@ -134,9 +141,6 @@ class PackedPreferenceCollator:
             "position_ids": torch.tensor(position_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
-            "weight": torch.tensor([float(p.get("weight", 1.0)) for p in pairs], dtype=torch.float32),
+            **pair_columns(pairs),
         }
-        for column in REFERENCE_COLUMNS:
-            if all(column in p for p in pairs):
-                batch[column] = torch.tensor([p[column] for p in pairs], dtype=torch.float32)
         return batch
