@@ -86,3 +86,13 @@ def test_corrupt_config_validates_eta_and_kind():
         with pytest.raises(ConfigError) as info:
             from_dict(CorruptConfig, {"input": "a.jsonl", "output": "b.jsonl", **bad})
         assert info.value.key == key
+
+
+def test_flagged_flips_only_the_flagged_pairs():
+    records = [{"prompt": str(i), "chosen": "a", "rejected": "b", "hard": i % 3 == 0} for i in range(3000)]
+    out = corrupt(records, eta=0.5, kind="flagged", seed=1)
+    flipped = [r for r in out if r["label_flipped"]]
+    assert all(r["hard"] and r["chosen"] == "b" for r in flipped)
+    assert 400 < len(flipped) < 600  # half of the 1000 flagged pairs
+    with pytest.raises(ConfigError, match="'hard'"):
+        corrupt([{"prompt": "p", "chosen": "a", "rejected": "b"}], eta=0.5, kind="flagged")

@@ -169,3 +169,37 @@ def test_clean_data_and_determinism(task):
         AdditionTask().sft_data(100, seed=5, error_rate=0.3, error_kind="mixed")
     assert task.prompts(50, seed=5, split="val") == AdditionTask().prompts(50, seed=5, split="val")
     assert task.prompts(50, seed=5) != task.prompts(50, seed=6)
+
+
+# --------------------------------------------------------------------------- the `habit` kind and pairs
+def test_habit_drops_the_units_carry_on_most_hard_problems_and_slips_elsewhere(task):
+    records = task.sft_data(2000, seed=3, error_rate=0.1, error_kind="habit")
+    hard = [r for r in records if task.is_hard(r["prompt"])]
+    easy = [r for r in records if not task.is_hard(r["prompt"])]
+    assert 0.15 < len(hard) / len(records) < 0.27  # 21 % of 2-digit problems have units sum >= 13
+    wrong_hard = [r for r in hard if not r["human_correct"]]
+    assert len(wrong_hard) == round(0.75 * len(hard))
+    for r in wrong_hard:  # exactly the dropped units carry: 10 less than the sum
+        assert int(r["completion"]) == int(r["answer"]) - 10 and r["error_kind"] == "systematic"
+    wrong_easy = [r for r in easy if not r["human_correct"]]
+    assert len(wrong_easy) == round(0.1 * len(easy))
+    assert all(r["error_kind"] == "random" and len(r["completion"]) == len(r["answer"]) for r in wrong_easy)
+    assert {r["subset"] for r in hard} == {"hard"} and {r["subset"] for r in easy} == {"easy"}
+
+
+def test_habit_options_are_checked():
+    with pytest.raises(ConfigError, match="hard_units_sum"):
+        AdditionTask(hard_units_sum=9)
+    with pytest.raises(ConfigError, match="habit_rate"):
+        AdditionTask(habit_rate=1.5)
+    assert all(r["human_correct"] for r in AdditionTask(habit_rate=0.0).sft_data(300, error_kind="habit"))
+
+
+def test_preference_pairs_pit_the_sum_against_the_human_mistake(task):
+    pairs = task.preference_data(500, seed=2)
+    assert len({p["prompt"] for p in pairs}) == 500 and pairs == task.preference_data(500, seed=2)
+    for p in pairs:
+        assert task.score(p["prompt"], p["chosen"]) == 1.0 and task.score(p["prompt"], p["rejected"]) == 0.0
+        assert p["hard"] == task.is_hard(p["prompt"]) and p["label_flipped"] is False
+        if p["hard"]:
+            assert int(p["rejected"]) == int(p["chosen"]) - 10

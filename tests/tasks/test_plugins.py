@@ -101,7 +101,7 @@ def test_data_make_cli(tmp_path, capsys):
     assert (len(sft), len(prompts), len(val), len(test)) == (200, 200, 20, 30)
     assert sum(not r["human_correct"] for r in sft) == 50
     assert [p["prompt"] for p in prompts] == [r["prompt"] for r in sft]
-    assert set(prompts[0]) == {"id", "prompt", "answer"} and set(test[0]) == {"id", "prompt", "answer"}
+    assert set(prompts[0]) == {"id", "prompt", "answer"} and set(test[0]) == {"id", "prompt", "answer", "subset"}
     prompt_sets = [{r["prompt"] for r in rows} for rows in (sft, val, test)]
     assert not (prompt_sets[0] & prompt_sets[1] or prompt_sets[0] & prompt_sets[2] or prompt_sets[1] & prompt_sets[2])
     assert "50 with a wrong human answer" in capsys.readouterr().out

@@ -11,8 +11,8 @@ from typing import Literal
 from noisepo.config import option
 from noisepo.errors import ConfigError
 
-NoiseKind = Literal["symmetric", "longer-wins"]
-NOISE_KINDS: tuple[str, ...] = ("symmetric", "longer-wins")
+NoiseKind = Literal["symmetric", "longer-wins", "flagged"]
+NOISE_KINDS: tuple[str, ...] = ("symmetric", "longer-wins", "flagged")
 
 
 def check_eta(eta: float) -> None:
@@ -33,7 +33,10 @@ class CorruptConfig:
                              "longer-wins: the fraction of pairs the rule is applied to.")
     kind: NoiseKind = option("symmetric", "symmetric: swap chosen/rejected independently with "
                                           "probability eta; longer-wins: on a fraction eta of pairs, "
-                                          "make the longer response the chosen one.")
+                                          "make the longer response the chosen one; flagged: swap with "
+                                          "probability eta only the pairs whose --column is true (an "
+                                          "annotator whose mistakes follow the task's hard problems).")
+    column: str = option("hard", "flagged: the boolean column that marks the pairs the rule may flip.")
     seed: int = option(0, "Random seed (the same seed flips the same pairs).")
     skip_invalid: bool = option(False, "Skip invalid rows (counted and reported) instead of stopping.")
 

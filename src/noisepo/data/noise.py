@@ -9,6 +9,10 @@
   the longer response (in characters of `response_text`) becomes `chosen`: the pair is swapped when
   its chosen response is strictly shorter. So η = 1 applies the rule to every pair, and the
   realised flip rate is η times the share of pairs whose chosen response is the shorter one.
+- `flagged`: noise that follows the content, as an annotator's blind spot does: only the pairs whose
+  boolean `column` (default `hard`, which the built-in tasks' `preference_data` writes) is true are
+  selected, each with probability η (one draw per pair, as above). A pair without the column is a
+  ConfigError naming it.
 
 Swapping exchanges `chosen` and `rejected` and every per-response column that comes in a pair
 (`score_chosen`/`score_rejected`, `chosen_rating`/`rejected_rating`, ...), so scores stay with their
@@ -43,16 +47,22 @@ def chosen_is_shorter(record: dict) -> bool:
     return len(response_text(record["chosen"])) < len(response_text(record["rejected"]))
 
 
-def corrupt(records: Iterable[dict], *, eta: float, kind: str = "symmetric", seed: int = 0) -> list[dict]:
+def corrupt(records: Iterable[dict], *, eta: float, kind: str = "symmetric", seed: int = 0,
+            column: str = "hard") -> list[dict]:
     """Flip pairs by `kind` at rate `eta` (module docstring); every output has `label_flipped`."""
     check_eta(eta)
     if kind not in NOISE_KINDS:
         raise ConfigError(f"must be one of {', '.join(NOISE_KINDS)}; got {kind!r}", key="kind")
     rng = random.Random(seed)
     out = []
-    for record in records:
+    for index, record in enumerate(records):
         selected = rng.random() < eta  # drawn for every pair, so flips depend only on seed and order
-        flip = selected and (kind == "symmetric" or chosen_is_shorter(record))
+        if kind == "flagged" and column not in record:
+            raise ConfigError(f"pair {index + 1} has no {column!r} column, which the flagged rule reads",
+                              key="column")
+        rule = {"symmetric": True, "longer-wins": kind == "longer-wins" and chosen_is_shorter(record),
+                "flagged": kind == "flagged" and bool(record.get(column))}[kind]
+        flip = selected and rule
         new = swap_pair(record) if flip else dict(record)
         new["label_flipped"] = bool(record.get("label_flipped", False)) != flip
         out.append(new)
@@ -66,7 +76,8 @@ def run_corrupt(config: CorruptConfig) -> int:
 
     loaded = load_preferences(config.input, skip_invalid=config.skip_invalid)
     before = sum(bool(r.get("label_flipped", False)) for r in loaded.records)
-    corrupted = corrupt(loaded.records, eta=config.eta, kind=config.kind, seed=config.seed)
+    corrupted = corrupt(loaded.records, eta=config.eta, kind=config.kind, seed=config.seed,
+                        column=config.column)
     write_jsonl_atomic(config.output, corrupted)
     after = sum(r["label_flipped"] for r in corrupted)
     flipped_now = sum(bool(r.get("label_flipped", False)) != c["label_flipped"]

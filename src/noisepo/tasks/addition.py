@@ -17,6 +17,17 @@ Errors of the "human" data (`sft_data`):
 - `mixed`: each erroneous record is `random` or `systematic` with probability 1/2 (`random` when
   the problem has no carry).
 Exactly `round(error_rate * n)` records are wrong, chosen at random under the seed.
+- `habit`: a wrong *behaviour* that is the majority on a class of problems, as a real annotator's
+  blind spot would be: on the "hard" problems (units digits summing to `hard_units_sum` = 13 or
+  more, 21 % of 2-digit problems) the human drops the units carry on `round(habit_rate * n_hard)`
+  of them (habit_rate 0.75 by default); of the other problems `round(error_rate * n_other)` get a
+  random slip. A model trained on this data answers the hard problems wrongly by preference (its
+  majority mode) while it can still produce the right answer: the setting in which preference
+  learning selects among behaviours the model has (experiments A and B of issue 8).
+
+Preference pairs (`preference_data`): chosen = the right sum, rejected = the mistake a human makes
+on that problem (the dropped units carry on a hard problem, else a slipped digit); `label_flipped`
+false. `noisepo data corrupt` adds label noise.
 """
 from __future__ import annotations
 
@@ -27,8 +38,8 @@ from typing import Literal
 
 from noisepo.errors import ConfigError, InputError
 
-ErrorKind = Literal["random", "systematic", "mixed"]
-ERROR_KINDS = ("random", "systematic", "mixed")
+ErrorKind = Literal["random", "systematic", "mixed", "habit"]
+ERROR_KINDS = ("random", "systematic", "mixed", "habit")
 SPLITS = ("train", "val", "test")
 
 # The last "a+b=" in a prompt: works on the raw prompt and on one rendered by a chat template.
@@ -113,15 +124,23 @@ class AdditionTask:
 
     name = "addition"
 
-    def __init__(self, digits: int = 2, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)):
+    def __init__(self, digits: int = 2, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 hard_units_sum: int = 13, habit_rate: float = 0.75):
         if not 1 <= digits <= 4:
             # 4 digits is already 10^8 pairs to enumerate; larger tasks would need another sampler.
             raise ConfigError(f"must be between 1 and 4, got {digits}", key="digits")
         if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-9:
             raise ConfigError(f"must be three shares >= 0 summing to 1, got {split_fractions}",
                               key="split_fractions")
+        if not 10 <= hard_units_sum <= 18:
+            raise ConfigError(f"must be between 10 and 18 (a units carry), got {hard_units_sum}",
+                              key="hard_units_sum")
+        if not 0 <= habit_rate <= 1:
+            raise ConfigError(f"must be in [0, 1], got {habit_rate}", key="habit_rate")
         self.digits = digits
         self.split_fractions = tuple(split_fractions)
+        self.hard_units_sum = hard_units_sum
+        self.habit_rate = habit_rate
         self._pairs: dict[str, list[tuple[int, int]]] | None = None
 
     # ------------------------------------------------------------------ problems
@@ -145,9 +164,10 @@ class AdditionTask:
         # The split name is part of the seed so that the same seed gives unrelated orders per split.
         return random.Random(f"{seed}/{split}").sample(pairs, n)
 
-    @staticmethod
-    def record(a: int, b: int) -> dict:
-        return {"id": f"addition-{a}+{b}", "prompt": f"{a}+{b}=", "answer": str(a + b)}
+    def record(self, a: int, b: int) -> dict:
+        """A problem; `subset` (hard/easy, the `habit` kind's classes) lets evaluation report both."""
+        return {"id": f"addition-{a}+{b}", "prompt": f"{a}+{b}=", "answer": str(a + b),
+                "subset": "hard" if a % 10 + b % 10 >= self.hard_units_sum else "easy"}
 
     def prompts(self, n: int, *, seed: int = 0, split: str = "train") -> list[dict]:
         """`n` distinct problems of `split`, sampled without replacement under `seed`."""
@@ -164,6 +184,11 @@ class AdditionTask:
         a, b = parse_problem(prompt)
         return digit_score(str(a + b), response)
 
+    def is_hard(self, prompt: str) -> bool:
+        """Whether a problem is one of the `habit` kind's hard ones (units digits sum >= hard_units_sum)."""
+        a, b = parse_problem(prompt)
+        return a % 10 + b % 10 >= self.hard_units_sum
+
     # ------------------------------------------------------------------ "human" SFT data
     def sft_data(self, n: int, *, seed: int = 0, error_rate: float = 0.0,
                  error_kind: ErrorKind = "random") -> list[dict]:
@@ -177,14 +202,39 @@ class AdditionTask:
                               key="error_kind")
         pairs = self._sample_pairs(n, seed, "train")
         rng = random.Random(f"{seed}/errors")
-        wrong = _choose_wrong(pairs, round(error_rate * n), error_kind, rng)
+        if error_kind == "habit":
+            hard = [i for i, (a, b) in enumerate(pairs) if a % 10 + b % 10 >= self.hard_units_sum]
+            hard_set = set(hard)
+            other = [i for i in range(len(pairs)) if i not in hard_set]
+            wrong = {i: "systematic" for i in rng.sample(hard, round(self.habit_rate * len(hard)))}
+            wrong.update({i: "random" for i in rng.sample(other, round(error_rate * len(other)))})
+        else:
+            wrong = _choose_wrong(pairs, round(error_rate * n), error_kind, rng)
         records = []
         for index, (a, b) in enumerate(pairs):
             record = self.record(a, b)
             kind = wrong.get(index)
-            completion = record["answer"] if kind is None else _wrong_answer(a, b, kind, rng)
+            if kind == "systematic" and error_kind == "habit":
+                completion = str(dropped_carry_sum(a, b, 0))  # the habit: the units carry
+            else:
+                completion = record["answer"] if kind is None else _wrong_answer(a, b, kind, rng)
             records.append({**record, "completion": completion, "human_correct": kind is None,
                             "error_kind": kind})
+        return records
+
+
+    def preference_data(self, n: int, *, seed: int = 0) -> list[dict]:
+        """`n` clean preference pairs from the train split: chosen = the sum, rejected = the human's
+        mistake on that problem (dropped units carry on a hard problem, else a slipped digit)."""
+        rng = random.Random(f"{seed}/pairs")
+        records = []
+        for a, b in self._sample_pairs(n, seed + 7919, "train"):  # another sample than sft_data's
+            record = self.record(a, b)
+            hard = a % 10 + b % 10 >= self.hard_units_sum
+            rejected = str(dropped_carry_sum(a, b, 0)) if hard else slipped_digit(record["answer"], rng)
+            records.append({"id": record["id"], "prompt": record["prompt"], "chosen": record["answer"],
+                            "rejected": rejected, "answer": record["answer"], "hard": hard,
+                            "label_flipped": False})
         return records
 
 

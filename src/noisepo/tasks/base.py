@@ -17,6 +17,7 @@ Verifier = Callable[[str, str], float]
 # Built-in tasks by name -> import path, so importing this module loads none of them.
 BUILTIN_TASKS: dict[str, str] = {
     "addition": "noisepo.tasks.addition:AdditionTask",
+    "reverse": "noisepo.tasks.reverse:ReverseTask",
 }
 
 # Methods every task must have; `graded_score` and `sft_data` are optional (see `Task`).
@@ -34,6 +35,8 @@ class Task(Protocol):
     - `sft_data(n, *, seed, error_rate, error_kind)`: imperfect "human" SFT records
       `{"id", "prompt", "completion", "answer", "human_correct"}` from the train split (optional;
       needed by `noisepo data make`).
+    - `preference_data(n, *, seed)`: clean pairs `{"id", "prompt", "chosen", "rejected", "answer",
+      "label_flipped": False}` from the train split (optional; `noisepo data make --n-pairs`).
     """
 
     name: str

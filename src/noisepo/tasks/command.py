@@ -8,7 +8,8 @@ from noisepo.io import write_json_atomic, write_jsonl_atomic
 from noisepo.tasks.base import load_task, task_name
 from noisepo.tasks.config import MakeDataConfig
 
-FILES = {"sft": "sft.jsonl", "prompts": "prompts.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
+FILES = {"sft": "sft.jsonl", "prompts": "prompts.jsonl", "val": "val.jsonl", "test": "test.jsonl",
+         "preferences": "preferences.jsonl"}
 
 
 def _rekeyed(error: ConfigError, key: str) -> ConfigError:
@@ -36,6 +37,15 @@ def make_data(config: MakeDataConfig) -> dict:
             splits[split] = task.prompts(getattr(config, key), seed=config.seed, split=split)
         except ConfigError as err:
             raise _rekeyed(err, key) from None
+    pairs = None
+    if config.n_pairs:
+        if not callable(getattr(task, "preference_data", None)):
+            raise ConfigError(f"task {config.task!r} has no preference_data method, so it cannot make pairs",
+                              key="n_pairs")
+        try:
+            pairs = task.preference_data(config.n_pairs, seed=config.seed)
+        except ConfigError as err:
+            raise _rekeyed(err, "n_pairs") from None
     # The train prompts are the SFT prompts: SPIN/DNPO generate a response for each (METHODS §3).
     train_prompts = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in sft]
 
@@ -44,13 +54,15 @@ def make_data(config: MakeDataConfig) -> dict:
     write_jsonl_atomic(out / FILES["prompts"], train_prompts)
     write_jsonl_atomic(out / FILES["val"], splits["val"])
     write_jsonl_atomic(out / FILES["test"], splits["test"])
+    if pairs is not None:
+        write_jsonl_atomic(out / FILES["preferences"], pairs)
     wrong = sum(1 for r in sft if not r.get("human_correct", True))
     summary = {
         "task": task_name(task), "seed": config.seed, "error_kind": config.error_kind,
         "counts": {"sft": len(sft), "prompts": len(train_prompts), "val": len(splits["val"]),
-                   "test": len(splits["test"])},
+                   "test": len(splits["test"]), "preferences": len(pairs or [])},
         "human_errors": wrong, "human_accuracy": 1 - wrong / len(sft) if sft else None,
-        "files": FILES,
+        "files": FILES if pairs is not None else {k: v for k, v in FILES.items() if k != "preferences"},
     }
     write_json_atomic(out / "manifest.json", summary)
     return summary

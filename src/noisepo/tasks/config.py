@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from noisepo.config import option
 from noisepo.errors import ConfigError
@@ -19,8 +18,13 @@ class MakeDataConfig:
     n_val: int = option(200, "Validation prompts (with answers).")
     n_test: int = option(500, "Test prompts (with answers).")
     error_rate: float = option(0.1, "Fraction of SFT records whose human completion is wrong.")
-    error_kind: Literal["random", "systematic", "mixed"] = option(
-        "mixed", "random: one digit slipped; systematic: one carry dropped; mixed: either, half and half.")
+    error_kind: str = option(
+        "mixed", "Kind of human mistake, defined by the task. addition: random (one digit slipped), "
+                 "systematic (one carry dropped), mixed (either), habit (the units carry dropped on "
+                 "most hard problems, slips at --error-rate elsewhere); reverse: the same with a "
+                 "slipped letter and a copied word.")
+    n_pairs: int = option(0, "Clean preference pairs to write to preferences.jsonl (chosen = the right "
+                             "answer, rejected = a human mistake), for tasks with preference_data.")
     digits: int | None = option(None, "Operand digits of the addition task (default 2); passed to a "
                                       "plugin task as digits= when set.")
     seed: int = option(0, "Seed of the sampling of problems and errors.")
@@ -28,7 +32,7 @@ class MakeDataConfig:
     def __post_init__(self):
         if not self.output:
             raise ConfigError("is required (an output folder)", key="output")
-        for key in ("n_train", "n_val", "n_test"):
+        for key in ("n_train", "n_val", "n_test", "n_pairs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, key)}", key=key)
         if not 0 <= self.error_rate <= 1:

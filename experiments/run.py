@@ -1,0 +1,185 @@
+"""Run one experiment of issue 8 from its YAML file: every seed, every arm, through the `noisepo` CLI.
+
+    python experiments/run.py experiments/a_self_improvement.yaml [--quick] [--task T] [--seeds 0,1,2]
+                              [--runs experiments/runs] [--only ARM,ARM] [--dry-run]
+
+What it does, per seed (each step is a `noisepo` command a user could type; each resumes, so a rerun
+of this script after a crash or Ctrl-C continues where it stopped):
+1. `noisepo data make --task T --seed S ...`      -> RUNS/<task>/s<S>/data/ (skipped when present)
+2. `noisepo sft --model <preset> ...`             -> RUNS/<task>/s<S>/sft/   (skipped when finished)
+   Both are shared by every experiment of the same task, seed and data/SFT options.
+3. per arm: `noisepo <command> --config <arm>.yaml` -> RUNS/<task>/<experiment>/<arm>[-noise<η>]-s<S>/
+   For experiment B each arm runs on the pairs corrupted symmetrically at every rate of `noise.rates`
+   and by each rule of `noise.practical` (name -> `noisepo data corrupt` options).
+Then `noisepo report` over every run folder -> RUNS/<task>/<experiment>/report/.
+
+The task comes from the YAML or `--task` (a built-in name or an import path `pkg.mod:Task`: the same
+plug-in path a user would use; nothing here knows a task). `--quick` applies the YAML's `quick:`
+overrides (fewer seeds, prompts and steps) for a run of minutes. Every command and its wall time is
+appended to RUNS/<task>/<experiment>/commands.log.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base`; dotted keys (`sft.max_steps`) address nested sections."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        target, *rest = key.split(".", 1)
+        if rest:
+            value = {rest[0]: value}
+        if isinstance(value, dict) and isinstance(merged.get(target), dict):
+            merged[target] = deep_merge(merged[target], value)
+        else:
+            merged[target] = copy.deepcopy(value)
+    return merged
+
+
+def flags(options: dict) -> list[str]:
+    """`{"n_train": 10, "progress": False}` -> `--n-train 10 --no-progress`."""
+    out: list[str] = []
+    for key, value in options.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            out += [f"--{flag}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return out
+
+
+def short_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
+class Runner:
+    def __init__(self, spec: dict, runs: Path, *, dry_run: bool = False):
+        self.spec, self.dry_run = spec, dry_run
+        self.task = spec["task"]
+        task_folder = self.task.replace(":", "-").replace(".", "_")
+        self.root = runs / task_folder
+        self.experiment_root = self.root / spec["name"]
+        self.log = self.experiment_root / "commands.log"
+
+    def noisepo(self, *args: str) -> None:
+        command = [sys.executable, "-m", "noisepo", *args]
+        text = " ".join(shlex.quote(a) for a in command[2:])
+        print(f"$ {text}", flush=True)
+        if self.dry_run:
+            return
+        start = time.time()
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        subprocess.run(command, check=True, env=env)
+        self.experiment_root.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a", encoding="utf-8") as log:
+            log.write(f"{time.time() - start:8.1f} s  {text}\n")
+
+    # ------------------------------------------------------------------ shared per seed
+    def data(self, seed: int) -> Path:
+        options = {"task": self.task, "seed": seed, **self.spec["data"]}
+        folder = self.root / f"data-{short_hash(options)}-s{seed}"
+        if not (folder / "manifest.json").exists():
+            self.noisepo("data", "make", "--output", str(folder), *flags(options))
+        return folder
+
+    def sft(self, seed: int, data: Path) -> Path:
+        options = {"task": self.task, "seed": seed, "data": str(data / "sft.jsonl"),
+                   "eval_data": str(data / "val.jsonl"), **self.spec["sft"]}
+        folder = self.root / f"sft-{short_hash({**options, 'data': data.name})}-s{seed}"
+        if not (folder / "metrics.json").exists():
+            self.noisepo("sft", "--output", str(folder), "--resume", *flags(options))
+        return folder / "model"
+
+    def noisy_data(self, data: Path, name: str, corruption: dict, seed: int) -> Path:
+        """The preference pairs corrupted by `corruption` (`noisepo data corrupt` options), cached."""
+        path = data / f"preferences-{name}.jsonl"
+        if not path.exists():
+            self.noisepo("data", "corrupt", str(data / "preferences.jsonl"), str(path), "--seed", str(seed),
+                         *flags(corruption))
+        return path
+
+    # ------------------------------------------------------------------ arms
+    def arm(self, name: str, seed: int, model: Path, data_file: Path, eval_file: Path, suffix: str = "") -> Path:
+        arm = self.spec["arms"][name]
+        command = arm.get("command", "dnpo")
+        options = deep_merge(self.spec.get("loop", {}).get(command, {}), arm.get("options", {}))
+        options = deep_merge(options, {"model": str(model), "data": str(data_file), "task": self.task,
+                                       "eval_data": str(eval_file), "seed": seed, "progress": False,
+                                       "training.seed": seed})
+        if options.get("dsl", {}).get("scorer") == "verifier" and not options["dsl"].get("verifier"):
+            options["dsl"]["verifier"] = self.task  # DSL judges with the task's own verifier
+        folder = self.experiment_root / f"{name}{suffix}-s{seed}"
+        if (folder / "summary.json").exists():
+            return folder
+        config = self.experiment_root / "configs" / f"{folder.name}.yaml"
+        options["output"] = str(folder)
+        if not self.dry_run:
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(yaml.safe_dump(options, sort_keys=False))
+        self.noisepo(command, "--config", str(config))
+        return folder
+
+    def run(self, seeds: list[int], only: list[str] | None) -> list[Path]:
+        folders = []
+        arms = [a for a in self.spec["arms"] if not only or a in only]
+        for seed in seeds:
+            data = self.data(seed)
+            model = self.sft(seed, data)
+            noise = self.spec.get("noise")
+            for arm in arms:
+                if noise is None:  # experiment A: SFT data, one run per arm
+                    folders.append(self.arm(arm, seed, model, data / "sft.jsonl", data / "test.jsonl"))
+                    continue
+                settings = {f"noise{rate:g}": {"kind": "symmetric", "eta": rate} for rate in noise.get("rates", [])}
+                settings.update(noise.get("practical") or {})
+                for name, corruption in settings.items():
+                    pairs = self.noisy_data(data, name, corruption, seed)
+                    folders.append(self.arm(arm, seed, model, pairs, data / "test.jsonl", f"-{name}"))
+        return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", help="the experiment's YAML file")
+    parser.add_argument("--quick", action="store_true", help="apply the YAML's quick: overrides")
+    parser.add_argument("--task", help="override the task (built-in name or import path pkg.mod:Task)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the YAML's)")
+    parser.add_argument("--only", help="comma-separated arms to run (default: all)")
+    parser.add_argument("--runs", default=str(HERE / "runs"), help="where run folders go (default: experiments/runs)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+
+    spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
+    if args.quick:
+        spec = deep_merge(spec, spec.get("quick", {}))
+        spec["name"] = spec["name"] + "-quick"
+    if args.task:
+        spec["task"] = args.task
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
+    runner = Runner(spec, Path(args.runs), dry_run=args.dry_run)
+    start = time.time()
+    folders = runner.run(seeds, args.only.split(",") if args.only else None)
+    if not args.dry_run:
+        report = runner.experiment_root / "report"
+        runner.noisepo("report", "--runs", ",".join(map(str, folders)), "--output", str(report),
+                       "--title", f"{spec['title']} ({spec['task']})")
+    print(f"done in {time.time() - start:.0f} s: {runner.experiment_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
