@@ -74,6 +74,7 @@ class Runner:
         self.root = runs / task_folder
         self.experiment_root = self.root / spec["name"]
         self.log = self.experiment_root / "commands.log"
+        self.configs: list[tuple[str, dict]] = []  # (command, options) of every arm run, for checks
 
     def noisepo(self, *args: str) -> None:
         command = [sys.executable, "-m", "noisepo", *args]
@@ -127,18 +128,21 @@ class Runner:
             return folder
         config = self.experiment_root / "configs" / f"{folder.name}.yaml"
         options["output"] = str(folder)
+        self.configs.append((command, options))
         if not self.dry_run:
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(yaml.safe_dump(options, sort_keys=False))
         self.noisepo(command, "--config", str(config))
         return folder
 
-    def run(self, seeds: list[int], only: list[str] | None) -> list[Path]:
+    def run(self, seeds: list[int], only: list[str] | None, *, prepare_only: bool = False) -> list[Path]:
         folders = []
         arms = [a for a in self.spec["arms"] if not only or a in only]
         for seed in seeds:
             data = self.data(seed)
             model = self.sft(seed, data)
+            if prepare_only:
+                continue
             noise = self.spec.get("noise")
             for arm in arms:
                 if noise is None:  # experiment A: SFT data, one run per arm
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated arms to run (default: all)")
     parser.add_argument("--runs", default=str(HERE / "runs"), help="where run folders go (default: experiments/runs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--prepare-only", action="store_true", help="make the data and SFT models only")
     args = parser.parse_args(argv)
 
     spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
@@ -172,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
     runner = Runner(spec, Path(args.runs), dry_run=args.dry_run)
     start = time.time()
-    folders = runner.run(seeds, args.only.split(",") if args.only else None)
-    if not args.dry_run:
+    folders = runner.run(seeds, args.only.split(",") if args.only else None, prepare_only=args.prepare_only)
+    if folders and not args.dry_run:
         report = runner.experiment_root / "report"
         runner.noisepo("report", "--runs", ",".join(map(str, folders)), "--output", str(report),
                        "--title", f"{spec['title']} ({spec['task']})")

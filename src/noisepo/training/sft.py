@@ -167,7 +167,20 @@ def evaluate_greedy(model, tokenizer, records: list[dict], task=None, *, max_new
     if task is not None and callable(getattr(task, "graded_score", None)):
         result["graded_score"] = sum(task.graded_score(p["prompt"], p["response"])
                                      for p in predictions) / len(predictions)
+    subsets = accuracy_by_subset(records, predictions)
+    if subsets:
+        result["accuracy_by_subset"] = subsets
     return result
+
+
+def accuracy_by_subset(records: list[dict], predictions: list[dict]) -> dict[str, float]:
+    """Accuracy per value of the records' `subset` column (e.g. the built-in tasks' hard/easy), so a
+    method that only moves the hard problems is seen; {} when no record has the column."""
+    totals: dict[str, list[float]] = {}
+    for record, prediction in zip(records, predictions, strict=True):
+        if record.get("subset") is not None:
+            totals.setdefault(str(record["subset"]), []).append(prediction["score"])
+    return {name: sum(scores) / len(scores) for name, scores in sorted(totals.items())}
 
 
 # --------------------------------------------------------------------------- the command
