@@ -75,6 +75,7 @@ class Runner:
         self.experiment_root = self.root / spec["name"]
         self.log = self.experiment_root / "commands.log"
         self.configs: list[tuple[str, dict]] = []  # (command, options) of every arm run, for checks
+        self.practical: dict[str, list[Path]] = {}  # rule-based noise setting -> its run folders
 
     def noisepo(self, *args: str) -> None:
         command = [sys.executable, "-m", "noisepo", *args]
@@ -152,7 +153,10 @@ class Runner:
                 settings.update(noise.get("practical") or {})
                 for name, corruption in settings.items():
                     pairs = self.noisy_data(data, name, corruption, seed)
-                    folders.append(self.arm(arm, seed, model, pairs, data / "test.jsonl", f"-{name}"))
+                    folder = self.arm(arm, seed, model, pairs, data / "test.jsonl", f"-{name}")
+                    folders.append(folder)
+                    if corruption.get("kind") != "symmetric":  # its own report: not a point of the rate sweep
+                        self.practical.setdefault(name, []).append(folder)
         return folders
 
 
@@ -179,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     folders = runner.run(seeds, args.only.split(",") if args.only else None, prepare_only=args.prepare_only)
     if folders and not args.dry_run:
-        report = runner.experiment_root / "report"
-        runner.noisepo("report", "--runs", ",".join(map(str, folders)), "--output", str(report),
-                       "--title", f"{spec['title']} ({spec['task']})")
+        practical = {f for group in runner.practical.values() for f in group}
+        runner.noisepo("report", "--runs", ",".join(str(f) for f in folders if f not in practical),
+                       "--output", str(runner.experiment_root / "report"), "--title", f"{spec['title']} ({spec['task']})")
+        for name, group in runner.practical.items():
+            runner.noisepo("report", "--runs", ",".join(map(str, group)),
+                           "--output", str(runner.experiment_root / f"report-{name}"),
+                           "--title", f"{spec['title']}: rule-based noise {name} ({spec['task']})")
     print(f"done in {time.time() - start:.0f} s: {runner.experiment_root}")
     return 0
 

@@ -140,3 +140,16 @@ def test_runs_with_other_hyperparameters_are_not_averaged_as_seeds(tmp_path):
     assert sizes == {"dnpo (training.learning_rate=1e-05)": 2, "dnpo (training.learning_rate=3e-05)": 1}
     same = group_runs([run("a", 1e-5, 0), run("b", 1e-5, 1)])
     assert [_label(key) for key in same] == ["dnpo"]  # seeds alone: one group, no variant label
+
+
+def test_accuracy_per_subset_of_the_task_is_reported(runs, tmp_path):
+    from noisepo.report import load_run
+
+    run = load_run(runs["dnpo-s0"])
+    subsets = {k for step in run.steps for k in step if k.startswith("accuracy_")}
+    assert subsets and subsets <= {"accuracy_easy", "accuracy_hard"}  # from each iteration's eval.json
+    assert set(run.initial) == subsets  # the SFT model's, from base/eval.json
+    assert main(["report", "--runs", str(runs["dnpo-s0"]), "--output", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    name = sorted(subsets)[0][len("accuracy_"):]
+    assert f"accuracy on the {name} problems" in text and f"final accuracy {name}" in text

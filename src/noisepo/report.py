@@ -60,6 +60,7 @@ class Run:
     steps: list[dict] = field(default_factory=list)  # iter_<k> / round_<r> metrics.json, in order
     histograms: list[tuple[int, dict]] = field(default_factory=list)  # (round, loss_histogram.json)
     config: dict = field(default_factory=dict)  # the manifest's config
+    initial: dict = field(default_factory=dict)  # the initial model's accuracy_<subset>, when evaluated
 
     @property
     def name(self) -> str:
@@ -121,6 +122,24 @@ def _noise_rate(root: Path) -> float | None:
     return None
 
 
+def _with_subsets(step: dict, folder: Path) -> dict:
+    """A step's metrics plus `accuracy_<subset>` from its eval.json (the evaluation's
+    `accuracy_by_subset`, e.g. the built-in tasks' hard/easy problems), when there is one."""
+    if (folder / "eval.json").is_file():
+        evaluation = _read_json(folder / "eval.json")
+        for name, value in ((evaluation or {}).get("accuracy_by_subset") or {}).items():
+            step.setdefault(f"accuracy_{name}", value)
+    return step
+
+
+def _initial_subsets(root: Path) -> dict:
+    """`accuracy_<subset>` of the initial model (dnpo: base/, ropo: reference/ eval.json)."""
+    for name in ("base", "reference"):
+        if (root / name / "eval.json").is_file():
+            return {k: v for k, v in _with_subsets({}, root / name).items()}
+    return {}
+
+
 def load_run(path) -> Run:
     """One run folder; InputError naming it when it is not one (no manifest, unknown loop, bad JSON)."""
     root = Path(path)
@@ -135,18 +154,20 @@ def load_run(path) -> Run:
     if isinstance(config.get("dsl"), dict) and isinstance(config.get("npo"), dict):
         dsl, npo = bool(config["dsl"].get("enabled")), bool(config["npo"].get("enabled"))
         method = {(False, False): "spin", (True, False): "dsl", (False, True): "npo", (True, True): "dnpo"}[dsl, npo]
-        steps = [_read_json(p / "metrics.json") for _, p in _numbered(root, "iter") if (p / "metrics.json").is_file()]
-        return Run(root, "dnpo", method, seeds, None, summary, steps, config=config)
+        steps = [_with_subsets(_read_json(p / "metrics.json"), p) for _, p in _numbered(root, "iter")
+                 if (p / "metrics.json").is_file()]
+        return Run(root, "dnpo", method, seeds, None, summary, steps, config=config, initial=_initial_subsets(root))
     if "loss" in config and "rho" in config:
         filtering = bool(config.get("filter", True)) and float(config.get("rho", 0)) > 0
         method = f"ropo[{config['loss']}, {'filter' if filtering else 'no-filter'}]"
         steps, histograms = [], []
         for r, folder in _numbered(root, "round"):
             if (folder / "metrics.json").is_file():
-                steps.append(_read_json(folder / "metrics.json"))
+                steps.append(_with_subsets(_read_json(folder / "metrics.json"), folder))
             if (folder / "loss_histogram.json").is_file():
                 histograms.append((r, _read_json(folder / "loss_histogram.json")))
-        return Run(root, "ropo", method, seeds, _noise_rate(root), summary, steps, histograms, config=config)
+        return Run(root, "ropo", method, seeds, _noise_rate(root), summary, steps, histograms, config=config,
+                   initial=_initial_subsets(root))
     raise InputError("manifest is not of a dnpo/spin/ropo run (no dsl/npo or loss/rho options)",
                      path=root / "manifest.json")
 
@@ -207,7 +228,12 @@ def _table(rows: list[list[str]]) -> str:
 def _final(run: Run, key: str):
     """The last iteration's / round's value of `key` (from the summary when finished)."""
     steps = run.summary.get("iterations" if run.kind == "dnpo" else "rounds", []) if run.summary else run.steps
-    return steps[-1].get(key) if steps else None
+    if not steps:
+        return None
+    value = steps[-1].get(key)
+    if value is None and len(run.steps) == len(steps):  # per-subset accuracy lives in the step folders
+        value = run.steps[-1].get(key)
+    return value
 
 
 # --------------------------------------------------------------------------- plots
@@ -357,10 +383,17 @@ ROPO_METRICS = [("accuracy", "accuracy", ".3f"), ("filter_precision", "filter pr
                 ("filter_recall", "filter recall", ".3f"), ("auroc_flipped", "AUROC (flipped vs clean)", ".3f")]
 
 
+def _initial(run: Run, key: str):
+    """The initial model's value of `key` (accuracy from the summary, a subset's from its eval.json)."""
+    return (run.summary or {}).get("initial_accuracy") if key == "accuracy" else run.initial.get(key)
+
+
 def _group_section(group, runs: list[Run]) -> list[str]:
     kind = runs[0].kind
     step_name = "iteration" if kind == "dnpo" else "round"
-    metrics = DNPO_METRICS if kind == "dnpo" else ROPO_METRICS
+    metrics = list(DNPO_METRICS if kind == "dnpo" else ROPO_METRICS)
+    subsets = sorted({k for r in runs for s in r.steps for k in s if k.startswith("accuracy_")})
+    metrics[1:1] = [(k, f"accuracy on the {k[len('accuracy_'):]} problems", ".3f") for k in subsets]
     finished = [r for r in runs if r.complete]
     lines = [f"### {_label(group)}", "",
              f"{len(runs)} run(s), {len(finished)} finished; mean ± std over the finished seeds.", ""]
@@ -371,10 +404,10 @@ def _group_section(group, runs: list[Run]) -> list[str]:
         head = [step_name, "mean ± std"] + [f"{r.name} ({r.seed_label})" + ("" if r.complete else " — incomplete")
                                             for r in runs]
         rows = [head]
-        initial = [r.summary.get("initial_accuracy") for r in finished] if key == "accuracy" else []
+        initial = [_initial(r, key) for r in finished]
         if any(v is not None for v in initial):
             rows.append(["initial", fmt_mean_std(initial, spec)]
-                        + [fmt(r.summary.get("initial_accuracy"), spec) if r.complete else "-" for r in runs])
+                        + [fmt(_initial(r, key), spec) if r.complete else "-" for r in runs])
         for k in range(length):
             values = [r.steps[k].get(key) if k < len(r.steps) else None for r in runs]
             done = [v for r, v in zip(runs, values) if r.complete]
@@ -395,13 +428,16 @@ def write_report(runs: list[Run], output: Path, title: str = "noisepo report") -
 
     lines += ["## Final numbers", "", "The last iteration's / round's value; mean ± std over the finished "
               "seeds, then every seed.", ""]
-    rows = [["method", "flip rate", "seeds", "final accuracy", "per seed"]]
+    subsets = sorted({k for r in runs for s in r.steps for k in s if k.startswith("accuracy_")})
+    rows = [["method", "flip rate", "seeds", "final accuracy"] + [f"final {k.replace('_', ' ')}" for k in subsets]
+            + ["per seed"]]
     for group, members in groups.items():
         finished = [r for r in members if r.complete]
         per_seed = "; ".join(f"{r.seed_label}: {fmt(_final(r, 'accuracy'))}" if r.complete
                              else f"{r.seed_label}: incomplete" for r in members)
         rows.append([_label((group[0], None, group[2])), _rate(group[1]), str(len(members)),
-                     fmt_mean_std([_final(r, "accuracy") for r in finished]), per_seed])
+                     fmt_mean_std([_final(r, "accuracy") for r in finished])]
+                    + [fmt_mean_std([_final(r, k) for r in finished]) for k in subsets] + [per_seed])
     lines += [_table(rows), ""]
 
     lines += ["## Per iteration / round", ""]
