@@ -104,3 +104,31 @@ def test_scorers_need_their_options():
     for make in (lambda: RewardModelScorer(None), lambda: LocalLMJudge(None), lambda: VerifierScorer("")):
         with pytest.raises(ConfigError):
             make()
+
+
+def test_imperfect_verifier_errs_on_a_stable_fraction_of_items():
+    from noisepo.judges.verifier import VerifierScorer
+
+    items = [(f"{a}+{b}=", str(a + b + (a % 2))) for a in range(40) for b in range(25)]  # half wrong
+    exact = VerifierScorer("addition").score(items)
+    noisy = VerifierScorer("addition", error_rate=0.2)
+    first, again = noisy.score(items), noisy.score(items)
+    assert first == again  # the same item always gets the same verdict
+    wrong = [i for i, (x, y) in enumerate(zip(exact, first)) if x != y]
+    assert 0.16 < len(wrong) / len(items) < 0.24
+    assert all(first[i] == 1.0 - exact[i] for i in wrong)
+    assert noisy.identity == "verifier|addition|error_rate=0.2" != VerifierScorer("addition").identity
+
+
+def test_verifier_error_rate_is_checked_and_reaches_dsl():
+    from noisepo.config import from_dict
+    from noisepo.errors import ConfigError
+    from noisepo.judges.base import make_scorer
+    from noisepo.pipelines.dnpo_config import DNPOConfig
+
+    with pytest.raises(ConfigError, match="verifier_error_rate"):
+        from_dict(DNPOConfig, {"model": "m", "data": "d", "output": "o",
+                               "dsl": {"scorer": "verifier", "verifier": "addition", "verifier_error_rate": 1.5}})
+    config = from_dict(DNPOConfig, {"model": "m", "data": "d", "output": "o",
+                                    "dsl": {"scorer": "verifier", "verifier": "addition", "verifier_error_rate": 0.3}})
+    assert make_scorer(config.dsl).error_rate == 0.3

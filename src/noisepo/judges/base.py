@@ -63,7 +63,7 @@ def _reward_model(config: ScoreConfig) -> Scorer:
 def _verifier(config: ScoreConfig) -> Scorer:
     from noisepo.judges.verifier import VerifierScorer
 
-    return VerifierScorer(config.verifier)
+    return VerifierScorer(config.verifier, error_rate=getattr(config, "verifier_error_rate", 0.0))
 
 
 def _local_lm(config: ScoreConfig) -> Scorer:

@@ -44,6 +44,11 @@ class ScorerOptions:
     # verifier
     verifier: str | None = option(None, "verifier: a built-in task name (addition) or an import path "
                                         "pkg.mod:function with signature (prompt, response) -> float.")
+    verifier_error_rate: float = option(0.0, "verifier: a deliberately imperfect judge for robustness "
+                                             "experiments: on this fraction of items (chosen by a hash of the "
+                                             "item, so the same item always gets the same verdict) the score s "
+                                             "becomes 1 - s.")
+
     def __post_init__(self):
         check(self.max_concurrency >= 1, "max_concurrency", f"must be >= 1, got {self.max_concurrency}")
         check(math.isfinite(self.timeout) and self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")
@@ -56,6 +61,8 @@ class ScorerOptions:
         if self.scorer == "verifier":
             check(bool(self.verifier), "verifier", "is required for the verifier scorer "
                                                    "(a task name or pkg.mod:function)")
+        check(0 <= self.verifier_error_rate <= 1, "verifier_error_rate",
+              f"must be in [0, 1], got {self.verifier_error_rate}")
 
 
 @dataclass
