@@ -11,17 +11,23 @@ What each step includes (both through the trainer's own `training_step` + optimi
   backward on chosen + rejected; no reference forward at all.
 - NPO (`NPOTrainer`): the same, plus a no-grad forward of the frozen reference on the rejected half
   (its hidden states are needed every step: ε is resampled), plus the noisy log-softmax of the
-  rejected response tokens (LM head + the full d × V noise head, chunked and checkpointed, so
-  both matmuls are recomputed in the backward) and the noise head's gradient and AdamW update.
+  rejected response tokens (LM head + the full d × V noise head, chunked; up to
+  `noise.NOISE_SAVE_BYTES` of blocks kept for the backward, the rest recomputed) and the noise
+  head's gradient and AdamW update.
 
-The floor is the share of the one matmul NPO cannot avoid: the noise head, σ = softplus(W g + b),
-forward and weight gradient, 4·N·d·V FLOPs for N rejected response tokens, over the DPO step's
-FLOPs (6 · non-embedding params · tokens + 6 · response tokens · d · V for the LM head). It is
-reported beside the measured ratio, with the same figure for Mistral-7B's shapes.
+The floor: what NPO must compute beyond DPO. In FLOPs (`flop_floor`): per rejected response token
+the reference's logits z, the head's W g and the head's weight gradient (3 × 2·N·d·V), plus the
+reference forward on the rejected half (2·P·tokens/2) unless its states are cached, over the DPO
+step's 6·P·tokens + 8·n·d·V; also given for Mistral-7B's shapes. Measured (`measured_floor`): those
+matmuls, one draw of ε, one softplus and one log-softmax over (N, V), and the reference forward,
+each timed alone in CPU time, over the DPO step's CPU time; compare with `ratio_cpu_time` (the
+same rounds as the wall-clock ratio, in CPU time: robust to the waits for a core on a shared
+machine).
 
 Memory: each variant runs in a fresh process (glibc told to mmap every block above 1 MiB, so freed
 tensors leave RSS); the figure is the peak RSS (VmHWM) above the RSS once the libraries and one
-copy of the model are loaded (CPU), or `torch.cuda.max_memory_allocated` (GPU), over two steps.
+copy of the model are loaded (CPU), or `torch.cuda.max_memory_allocated` (GPU), over two steps:
+the median of 5 rounds of two steps after a first (the peak is reset before each round).
 NPO holds in addition a frozen copy of the reference (a full copy of the weights) and the noise
 head (d × V) with its AdamW state.
 """
@@ -94,25 +100,34 @@ def make_trainer(kind: str, model_dir: str, pairs: list[dict], output: str, step
 # NPO variants: the default (full-rank head, reference forward every step), the reference's rejected
 # states cached per pair (no reference model, no reference forward), and that with a rank-64 head.
 VARIANTS = {"npo": {}, "npo_cached": {"cache_reference_states": True},
-            "npo_cached_rank64": {"cache_reference_states": True, "noise_rank": 64}}
+            "npo_cached_rank64": {"cache_reference_states": True, "noise_rank": 64},
+            "npo_rank64": {"noise_rank": 64}}
 
 
 def flop_floor(*, tokens: int, rejected_response_tokens: int, response_tokens: int, d: int, vocab: int,
-               trunk_params: int) -> float:
-    """The noise head's share: 4·N·d·V over the DPO step's ≈ 6·P·tokens + 6·n_resp·d·V FLOPs."""
-    dpo = 6 * trunk_params * tokens + 6 * response_tokens * d * vocab
-    return 4 * rejected_response_tokens * d * vocab / dpo
+               trunk_params: int, reference_forward: bool = False) -> float:
+    """What NPO must compute beyond DPO, over the DPO step's ≈ 6·P·tokens + 8·n_resp·d·V FLOPs (its
+    chunked LM head: forward, recompute, two gradients): per rejected response token the reference's
+    logits z and the head's u = W g (forward) and the head's weight gradient, 3 × 2·N·d·V; with
+    `reference_forward`, also the reference's forward on the rejected half (2·P·tokens/2)."""
+    dpo = 6 * trunk_params * tokens + 8 * response_tokens * d * vocab
+    extra = 6 * rejected_response_tokens * d * vocab + (trunk_params * tokens if reference_forward else 0)
+    return extra / dpo
 
 
 def flop_model_ratio(*, pairs: int, length: int, d: int, vocab: int, trunk_params: int) -> float:
-    """NPO/DPO step FLOPs as implemented: DPO = 6·P·tokens + 8·n·d·V (chunked LM head: forward,
-    recompute, two gradients); NPO adds the reference forward on the rejected half (2·P·tokens/2)
-    and 5 (N, d, V) matmuls on the N rejected response tokens (LM head and noise head, forward and
-    checkpoint recompute, the head's weight gradient). Elementwise work over (N, V) is not counted."""
+    """NPO/DPO step FLOPs as implemented: DPO = 6·P·tokens + 8·n·d·V; NPO adds the reference
+    forward on the rejected half (2·P·tokens/2) and 3 (N, d, V) matmuls on the N rejected response
+    tokens (z, u, the head's weight gradient) while the blocks kept for the backward fit
+    `noise.NOISE_SAVE_BYTES`, 5 past it (z and u recomputed in the backward). Elementwise work over
+    (N, V) is not counted."""
+    from noisepo.noise import NOISE_SAVE_BYTES
+
     tokens, responses = 2 * pairs * length, pairs * length  # half of every sequence is response
     rejected = responses // 2
+    kept = min(rejected, NOISE_SAVE_BYTES // (2 * 4 * vocab))  # positions whose blocks are kept
     dpo = 6 * trunk_params * tokens + 8 * responses * d * vocab
-    extra = 2 * trunk_params * tokens // 2 + 5 * 2 * rejected * d * vocab
+    extra = 2 * trunk_params * tokens // 2 + 2 * d * vocab * (3 * kept + 5 * (rejected - kept))
     return 1 + extra / dpo
 
 
@@ -122,8 +137,9 @@ def _floors(s: dict, trunk_params: int) -> dict:
     # Mistral-7B: ~7.0e9 non-embedding params, d = 4096, V = 32 000, the same batch shapes
     mistral = dict(d=4096, vocab=32000, trunk_params=7_000_000_000)
     ours = dict(d=s["hidden"], vocab=s["vocab"], trunk_params=trunk_params)
-    return {"floor_time_ratio": round(1 + flop_floor(**shapes, **ours), 3),
-            "floor_time_ratio_mistral7b_shapes": round(1 + flop_floor(**shapes, **mistral), 3),
+    return {"floor_flops_ratio": round(1 + flop_floor(**shapes, **ours, reference_forward=True), 3),
+            "floor_flops_ratio_cached_states": round(1 + flop_floor(**shapes, **ours), 3),
+            "floor_flops_ratio_mistral7b_shapes": round(1 + flop_floor(**shapes, **mistral, reference_forward=True), 3),
             "flop_model_ratio": round(flop_model_ratio(pairs=b, length=t, **ours), 3),
             "flop_model_ratio_mistral7b_shapes": round(flop_model_ratio(pairs=b, length=t, **mistral), 3)}
 
@@ -134,7 +150,7 @@ def npo_vs_dpo_time(quick: bool) -> dict:
 
     torch.set_num_threads(1)
     s = _sizes(quick)
-    rounds, steps = 5, 1
+    rounds, steps = (9, 2) if quick else (5, 1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", s)
         pairs = synthetic_pairs(s, 4 * s["batch"])
@@ -146,15 +162,59 @@ def npo_vs_dpo_time(quick: bool) -> dict:
             stepper.run(1)  # warm-up
         times = {kind: [seconds / steps for seconds, _ in runs]
                  for kind, runs in alternate(steppers, rounds, steps).items()}
+        # CPU time of the same rounds: what the step costs without the waits for a core on a shared machine
+        cpu = {kind: statistics.median(stepper.cpu_seconds[-rounds:]) / steps for kind, stepper in steppers.items()}
+        floor = measured_floor(s, steppers["npo"].trainer, cpu["dpo"])
     npo, dpo = statistics.median(times["npo"]), statistics.median(times["dpo"])
     cached = statistics.median(times["npo_cached"])
     return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
             "ratio": round(npo / dpo, 3), "target": "<= 1.3",
             "ours_cached_states": round(cached, 4), "ratio_cached_states": round(cached / dpo, 3),
-            **_floors(s, trunk), "rounds": rounds,
+            "ratio_cpu_time": round(cpu["npo"] / cpu["dpo"], 3),
+            "ratio_cached_states_cpu_time": round(cpu["npo_cached"] / cpu["dpo"], 3),
+            **_floors(s, trunk), **floor, "rounds": rounds, "steps_per_round": steps,
             "shape": _shape(s), "device": "cuda" if torch.cuda.is_available() else "cpu (1 thread)",
             "note": "ours = NPO step (incl. reference forward on the rejected half, full-rank noise head); "
                     "baseline = DPO step with precomputed reference"}
+
+
+def measured_floor(s: dict, trainer, dpo_cpu: float) -> dict:
+    """The floor in CPU time, measured here: NPO's irreducible extra work at this shape (3 (N, d, V)
+    matmuls, one draw of ε, one softplus, one log-softmax over (N, V), each timed alone) and the
+    reference forward on a batch's rejected half, over the DPO step's CPU time (`dpo_cpu`, s)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    def cpu_ms(fn, repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        return statistics.median(times) * 1e3
+
+    n, d, v = s["batch"] * s["length"] // 2, s["hidden"], s["vocab"]  # rejected response tokens
+    g = torch.Generator().manual_seed(0)
+    states, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.02
+    logits = states @ weight.T
+    parts = {"matmuls": 3 * cpu_ms(lambda: states @ weight.T), "epsilon": cpu_ms(lambda: torch.randn(n, v)),
+             "softplus": cpu_ms(lambda: F.softplus(logits)), "log_softmax": cpu_ms(lambda: torch.log_softmax(logits, -1))}
+    batch = next(iter(trainer.get_train_dataloader()))
+    half = batch["input_ids"].shape[0] // 2
+
+    def reference_forward():
+        with torch.no_grad():
+            trainer.ref_model(input_ids=batch["input_ids"][half:], attention_mask=batch["attention_mask"][half:],
+                              use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    parts["reference_forward"] = cpu_ms(reference_forward)
+    noise = sum(parts.values()) - parts["reference_forward"]
+    return {"floor_measured_ratio": round(1 + (noise + parts["reference_forward"]) / (dpo_cpu * 1e3), 3),
+            "floor_measured_ratio_cached_states": round(1 + noise / (dpo_cpu * 1e3), 3),
+            "floor_parts_cpu_ms": {k: round(x, 2) for k, x in parts.items()},
+            "dpo_step_cpu_ms": round(dpo_cpu * 1e3, 2)}
 
 
 def _shape(s: dict) -> str:
@@ -184,13 +244,19 @@ def _memory_child(kind: str, quick: bool, model_dir: str) -> None:
         base = torch.cuda.memory_allocated()
     else:
         base = _vm("VmRSS")
+    from bench_training import MEMORY_ROUNDS, reset_peak_rss
+
+    peaks = []
     with tempfile.TemporaryDirectory() as tmp:
-        Stepper(make_trainer(kind, model_dir, pairs, tmp, 100, s)).run(2)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _vm("VmHWM") - base
-    print(json.dumps({"peak_mb": peak}))
+        stepper = Stepper(make_trainer(kind, model_dir, pairs, tmp, 100, s))
+        for round_ in range(1 + MEMORY_ROUNDS):  # the first round includes building the trainer
+            if round_ and cuda:
+                torch.cuda.reset_peak_memory_stats()
+            elif round_ and not reset_peak_rss():
+                break  # VmHWM cannot be reset here: the first round's peak is the figure
+            stepper.run(2)
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _vm("VmHWM") - base)
+    print(json.dumps({"peak_mb": statistics.median(peaks[1:] or peaks), "rounds": peaks}))
 
 
 def npo_vs_dpo_memory(quick: bool) -> dict:

@@ -51,6 +51,27 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert loop_table(second) == loop_table(first)
 
 
+def test_sft_stops_once_it_has_learnt_and_the_wall_time_is_split_by_stage(tmp_path, capsys):
+    output = tmp_path / "demo"
+    budget = ["--model", "micro", "--n-train", "32", "--n-test", "8", "--max-steps", "6", "--batch-size", "8",
+              "--iterations", "0"]
+    # an accuracy of 0 is reached at the first check: training stops there
+    assert main(["demo", "--output", str(output), *budget, "--sft-check-steps", "2", "--sft-stop-accuracy", "0"]) == 0
+    out = capsys.readouterr().out
+    sft = json.loads((output / "sft" / "DONE").read_text())
+    assert sft["steps"] == 2 and [c["step"] for c in sft["validation_checks"]] == [2]
+    timing = json.loads((output / "timing.json").read_text())["seconds"]
+    assert set(timing) == {"data", "sft", "generation", "scoring", "pairs", "training", "evaluation"}
+    assert timing["sft"] > 0 and timing["evaluation"] > 0  # the check counts as evaluation, not SFT
+    assert "Wall time by kind of work: data" in out
+
+    # never reached (above 1): every check runs, training goes on to max_steps
+    assert main(["demo", "--output", str(tmp_path / "all"), *budget, "--sft-check-steps", "2",
+                 "--sft-stop-accuracy", "1.5"]) == 0
+    sft = json.loads((tmp_path / "all" / "sft" / "DONE").read_text())
+    assert sft["steps"] == 6 and [c["step"] for c in sft["validation_checks"]] == [2, 4]
+
+
 def test_demo_module_imports_no_torch():
     code = "import sys, noisepo.demo, noisepo.tasks.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

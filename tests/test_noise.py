@@ -1,4 +1,5 @@
 """NPO noise head and objective (METHODS §4.2)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +68,10 @@ def test_chunking_and_checkpointing_do_not_change_values_or_gradients():
     assert torch.allclose(results[1][2], results[2][2], atol=1e-6)
 
 
-def test_fused_backward_matches_autograd_for_every_head_and_upstream_gradient():
-    """Low rank, an LM bias, non-uniform upstream gradients on the log-probs and on Σσ²."""
+@pytest.mark.parametrize("save_bytes", [0, None, 5 * 2 * 40 * 4], ids=["recompute", "saved", "first-chunk-saved"])
+def test_fused_backward_matches_autograd_for_every_head_and_upstream_gradient(save_bytes):
+    """Low rank, an LM bias, non-uniform upstream gradients on the log-probs and on Σσ²; chunks
+    recomputed in the backward, kept from the forward, or the first kept and the rest recomputed."""
     hidden, labels, lm_weight = _setup(B=4, T=9, d=16, V=40, seed=3)
     lm_bias = torch.randn(40)
     upstream = torch.tensor([0.3, -1.2, 0.7, 2.0])
@@ -82,7 +85,7 @@ def test_fused_backward_matches_autograd_for_every_head_and_upstream_gradient():
                     p.add_(0.05 * torch.randn_like(p))
             torch.manual_seed(5)
             logps, sq, mean = noisy_sequence_logps(hidden, labels, lm_weight, head, lm_bias=lm_bias, chunk_size=5,
-                                                   use_checkpoint=fused)
+                                                   use_checkpoint=fused, save_bytes=save_bytes)
             ((logps * upstream).sum() + 3.0 * sq).backward()
             grads.append([logps.detach(), sq.detach(), mean] + [p.grad.clone() for p in head.parameters()])
     for a, b in zip(grads[:2], grads[2:]):
@@ -90,10 +93,7 @@ def test_fused_backward_matches_autograd_for_every_head_and_upstream_gradient():
             assert torch.allclose(x, y, atol=1e-5), (x, y)
 
 
-def test_fused_path_holds_no_vocabulary_sized_tensor_between_passes():
-    """What autograd keeps for the backward is O(N·d), not O(N·V)."""
-    hidden, labels, lm_weight = _setup(B=2, T=64, d=8, V=4096)
-    head = NoiseHead(8, 4096, rank=2)
+def _saved_numels(hidden, labels, lm_weight, head, **options) -> list[int]:
     saved = []
 
     def pack(t):
@@ -101,8 +101,28 @@ def test_fused_path_holds_no_vocabulary_sized_tensor_between_passes():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=16)
+        noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=16, **options)
+    return saved
+
+
+def test_fused_path_holds_no_vocabulary_sized_tensor_between_passes():
+    """With nothing to save, what autograd keeps for the backward is O(N·d), not O(N·V)."""
+    hidden, labels, lm_weight = _setup(B=2, T=64, d=8, V=4096)
+    head = NoiseHead(8, 4096, rank=2)
+    saved = _saved_numels(hidden, labels, lm_weight, head, save_bytes=0)
     assert saved and max(saved) < 4096 * 16
+
+
+def test_blocks_kept_for_the_backward_stay_within_the_budget():
+    """Each kept chunk holds two (16, V) float32 blocks; the budget decides how many chunks keep them."""
+    hidden, labels, lm_weight = _setup(B=2, T=64, d=8, V=4096)
+    head = NoiseHead(8, 4096, rank=2)
+    block = 16 * 4096
+    for chunks in (0, 1, 3):
+        saved = _saved_numels(hidden, labels, lm_weight, head, save_bytes=chunks * 2 * block * 4 + 100)
+        assert sum(n for n in saved if n >= block) == 2 * chunks * block
+    with torch.no_grad():  # no graph: nothing is kept whatever the budget
+        assert _saved_numels(hidden, labels, lm_weight, head) == []
 
 
 def test_each_side_gets_only_its_own_gradient():

@@ -1,6 +1,7 @@
 """`noisepo serve`: an OpenAI-compatible chat API over a tiny model, on 127.0.0.1, real HTTP."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -143,3 +144,41 @@ def test_the_serve_command_over_real_http(micro_model_dir, monkeypatch):
         out, err = process.communicate(timeout=30)
     assert KEY not in line + out + err  # the key is never printed or logged
     assert "/v1/models" in out + err  # uvicorn logged the requests, without the key
+
+
+def test_every_route_refuses_a_request_without_the_right_key_before_any_generation(micro_model_dir):
+    """Not only /models: the generating endpoint, the docs and unknown paths too; near-miss keys count as wrong."""
+    from noisepo.serve import ServerThread, create_app
+
+    class Counting:
+        calls = 0
+
+        def generate(self, prompts, params):
+            Counting.calls += 1
+            return [["x"] * params.num_samples for _ in prompts]
+
+    from noisepo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(micro_model_dir)
+    chat = {"model": "micro", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with ServerThread(create_app(Counting(), tokenizer, model_name="micro", api_key=KEY)) as running:
+        assert running.socket.getsockname()[0] == "127.0.0.1"
+        base = running.url.removesuffix("/v1")
+        for key in (None, "", "wrong", KEY[:-1], KEY + "x", KEY.upper()):  # (HTTP strips trailing spaces)
+            for method, path, body in (("POST", "/v1/chat/completions", chat), ("GET", "/v1/models", None),
+                                       ("GET", "/docs", None), ("GET", "/openapi.json", None),
+                                       ("GET", "/v1/nope", None)):
+                status, reply = http(method, base + path, body, key=key)
+                assert status == 401 and reply["error"]["code"] == "invalid_api_key", (key, path)
+                assert KEY not in json.dumps(reply)
+        assert Counting.calls == 0  # nothing was generated for a refused request
+        assert http("POST", base + "/v1/chat/completions", chat)[0] == 200 and Counting.calls == 1
+
+
+def test_serve_binds_127_0_0_1_unless_told_otherwise():
+    import inspect
+
+    from noisepo.serve import ServeConfig, ServerThread
+
+    assert from_dict(ServeConfig, {"model": "m"}).host == "127.0.0.1"
+    assert inspect.signature(ServerThread).parameters["host"].default == "127.0.0.1"

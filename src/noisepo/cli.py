@@ -2,13 +2,18 @@
 
 Both are named by import path and loaded only when the command runs (or its `--help` is asked
 for), so `noisepo --help` does not import torch. A `NoisepoError` (bad input or config) becomes one
-line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+line on stderr and exit status 2, and so does an OSError of a full disk or a place that cannot be
+written (`STORAGE_ERRORS`), or a checkpoint file torch's `weights_only` loader refuses; anything else
+is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
+import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -55,6 +60,34 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 
 # Names reserved for the loops and reports that later work adds (see the issues).
 PLANNED: list[str] = []
+
+
+# A full disk, a quota, a file-size limit or a read-only / forbidden place: the user's to fix, so one
+# line (exit 2) instead of a traceback. Artifacts are written atomically, so nothing half-written is
+# left behind as if complete, and a rerun after freeing space resumes.
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(err: Exception) -> str | None:
+    """The one-line message of a storage error (an OSError, or safetensors' error wrapping one), else None."""
+    code, where, what = getattr(err, "errno", None), getattr(err, "filename", None), getattr(err, "strerror", None)
+    if not isinstance(err, OSError) and type(err).__name__ == "SafetensorError":  # "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+        what = os.strerror(code) if code else None
+    if code not in STORAGE_ERRORS:
+        return None
+    return (f"{where + ': ' if where else ''}{what or err} (errno {errno.errorcode.get(code, code)}): free disk "
+            "space, fix the permissions or choose another output, then rerun (finished stages are kept)")
+
+
+def refused_pickle(err: Exception) -> str | None:
+    """torch's `weights_only` loader refused a file (a checkpoint holding Python objects, maybe planted)."""
+    if type(err).__name__ != "UnpicklingError":  # by name: this module loads no unpickler at all
+        return None
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"refused to load a file that holds Python objects, not only tensors ({first}); noisepo never "
+            "unpickles such files: use checkpoints it wrote, or start without --resume")
 
 
 def _load(path: str):
@@ -128,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except NoisepoError as err:
         print(f"noisepo {name}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:
+        message = storage_error(err) or refused_pickle(err)
+        if message is None:
+            raise
+        print(f"noisepo {name}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"noisepo {name}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130

@@ -9,7 +9,7 @@ reduces them (weighted mean). Notation (METHODS §1):
     Δ = ρ_w − ρ_l,   h = β·Δ
 
 `log σ` is always `F.logsigmoid` (never `log(sigmoid)`), so every loss and its gradient stay
-finite for |h| up to 1e4 in float32 and bfloat16.
+finite for |h| up to 1e4 in float32, bfloat16 and float16 (IPO's square is taken in float32).
 
 What a loss needs besides its hyperparameters is declared here, not tested by name in the trainer:
 `LOSS_INPUTS[name]` says whether it takes log-probs summed over the response tokens (`"sum"`) or
@@ -71,9 +71,11 @@ def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """IPO: `(Δ_avg − 1/(2β))²` (IPO paper Eq. 17, τ = β; METHODS §2 `ipo`). All tensors (B,).
 
     Takes **length-averaged** log-probs (`LOSS_INPUTS["ipo"] == "mean"`), as TRL does: with summed
-    log-probs the squared loss would grow with the response length.
+    log-probs the squared loss would grow with the response length. The square is taken in at
+    least float32: in float16 it overflows to inf once |Δ_avg| passes ~255.
     """
     delta = margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
     return (delta - 1 / (2 * beta)) ** 2
 
 

@@ -17,6 +17,18 @@ recomputes its (n, V) blocks in the backward pass, drawing ε again from the chu
 the backward is written out (dσ = g ⊙ ε + 2·g_sq·σ, du = dσ ⊙ sigmoid(u)) and works in place, so a
 chunk holds a handful of (n, V) blocks. `use_checkpoint=False` is the plain-autograd reference
 implementation of the same numbers (tests compare the two).
+
+Time: recomputing a chunk in the backward costs two more (n, d, V) matmuls, a second draw of ε
+and a second softplus and softmax, which on CPU at small widths is most of NPO's overhead. So the
+first chunks of a call, up to `save_bytes` (default NOISE_SAVE_BYTES, 64 MiB), instead finish
+their elementwise work in the forward and keep two (n, V) blocks for the backward: with the upstream
+gradients g (per position) and g_sq (of Σσ²),
+
+    du = g · (ε ⊙ sigmoid(u) ⊙ (onehot(y) − softmax(z̃))) + g_sq · (2 σ ⊙ sigmoid(u))
+
+so the forward keeps P = ε ⊙ sigmoid(u) ⊙ softmax(z̃), Q = 2 σ ⊙ sigmoid(u) and the (n,) values of
+ε ⊙ sigmoid(u) at the targets, and the backward is one pass and the head's weight-gradient matmul.
+Chunks past the budget recompute as above; both give the same numbers (ε comes from the same seed).
 """
 from __future__ import annotations
 
@@ -31,6 +43,9 @@ IGNORE_INDEX = -100
 # four such blocks at once (u, σ, ε, the noisy logits or their softmax), so the extra peak is ~64 MiB
 # whatever B, T and V are (V = 32k: 131 positions per chunk).
 NOISE_CHUNK_BYTES = 2**24
+# Bytes of (n, V) blocks a call may keep from its forward for its backward (two per saved chunk)
+# instead of recomputing them: a time/memory trade, bounded whatever B, T and V are.
+NOISE_SAVE_BYTES = 2**26
 
 
 def noise_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
@@ -118,9 +133,11 @@ class _NoisyTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
+    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed, save=False):
         # Autocast off in both passes: the backward must recompute exactly the forward's numbers.
         with torch.autocast(device_type=states.device.type, enabled=False):
+            if save:
+                return _NoisyTokenLogps._forward_saving(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed)
             return _NoisyTokenLogps._forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed)
 
     @staticmethod
@@ -133,7 +150,34 @@ class _NoisyTokenLogps(torch.autograd.Function):
         sq = torch.linalg.vector_norm(sigma).square()
         total = sigma.sum()
         ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
-        ctx.seed = seed
+        ctx.seed, ctx.saved_blocks = seed, False
+        ctx.mark_non_differentiable(total)
+        return logps, sq, total
+
+    @staticmethod
+    def _forward_saving(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
+        """The forward, finishing the backward's elementwise work now: keeps P, Q (n, V) and the
+        (n,) target values of ε ⊙ sigmoid(u) (module docstring). At most four (n, V) blocks live."""
+        noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
+        u = F.linear(a.to(up.dtype), up, bias)  # (n, V)
+        sigma = F.softplus(u)
+        eps = _epsilon(seed, noisy)
+        noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
+        sq = torch.linalg.vector_norm(sigma).square()
+        total = sigma.sum()
+        gate = u.sigmoid_()  # sigmoid(u), in u's storage
+        keep_q = sigma.mul_(gate)  # Q/2 = σ ⊙ sigmoid(u)
+        keep_p = eps.mul_(gate)  # ε ⊙ sigmoid(u) for now
+        del u, gate
+        column = targets[:, None]
+        gate_at_target = keep_p.gather(1, column).squeeze(1)  # (n,)
+        log_probs = torch.log_softmax(noisy, dim=-1)
+        del noisy
+        logps = log_probs.gather(1, column).squeeze(1)
+        keep_p.mul_(log_probs.exp_())  # P = ε ⊙ sigmoid(u) ⊙ softmax(z̃)
+        del log_probs
+        ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
+        ctx.saved_blocks = True
         ctx.mark_non_differentiable(total)
         return logps, sq, total
 
@@ -141,6 +185,8 @@ class _NoisyTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_sq, _grad_total):
         states = ctx.saved_tensors[0]
         with torch.autocast(device_type=states.device.type, enabled=False):
+            if ctx.saved_blocks:
+                return _NoisyTokenLogps._backward_saved(ctx, grad_logps.float(), grad_sq.float())
             return _NoisyTokenLogps._backward(ctx, grad_logps.float(), grad_sq.float())
 
     @staticmethod
@@ -160,12 +206,25 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias, None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None
+
+    @staticmethod
+    def _backward_saved(ctx, grad_logps, grad_sq):
+        """du = 2·g_sq·Q/2 − g ⊙ P, plus g · (ε ⊙ sigmoid(u)) at each target; then the matmuls."""
+        a, up, keep_p, keep_q, targets, gate_at_target = ctx.saved_tensors
+        a_dtype, a = a.dtype, a.to(up.dtype)
+        grad_u = torch.mul(keep_q, 2 * grad_sq)
+        grad_u.addcmul_(keep_p, grad_logps[:, None], value=-1)
+        grad_u.scatter_add_(1, targets[:, None], (grad_logps * gate_at_target)[:, None])
+        grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
+        grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
+        grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None
 
 
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
                          head: NoiseHead, *, lm_bias: torch.Tensor | None = None, chunk_size: int | None = None,
-                         use_checkpoint: bool = True):
+                         use_checkpoint: bool = True, save_bytes: int | None = None):
     """Noisy reference log-probs of whole sequences.
 
     hidden: (B, T, d) reference last hidden states, already aligned so `hidden[:, t]` predicts
@@ -175,6 +234,8 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
     chunk_size: positions per chunk (None: `noise_chunk_rows`, blocks of about 8 MiB).
     use_checkpoint: True (default): the memory-bounded `_NoisyTokenLogps`; False: plain autograd,
         which stores every chunk's (n, V) blocks (for tests and tiny vocabularies).
+    save_bytes: how many bytes of (n, V) blocks the fused path may keep for its backward instead of
+        recomputing them (None: NOISE_SAVE_BYTES; 0: recompute every chunk).
     Returns (logps (B,) summed over response tokens, mean σ² (scalar), mean σ (scalar)); only the
     noise head receives gradients (hidden and lm_weight are detached here).
     """
@@ -183,18 +244,20 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
     rows = mask.nonzero(as_tuple=True)[0]  # (N,) batch index of each response position
     # only response positions cost a V-wide matmul
     token_logps, sq_sum, sigma_sum = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias,
-                                                       chunk_size=chunk_size, use_checkpoint=use_checkpoint)
+                                                       chunk_size=chunk_size, use_checkpoint=use_checkpoint,
+                                                       save_bytes=save_bytes)
     logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
     count = max(int(rows.shape[0]) * head.vocab_size, 1)
     return logps, sq_sum / count, sigma_sum / count
 
 
 def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: torch.Tensor, head: NoiseHead, *,
-                      lm_bias: torch.Tensor | None = None, chunk_size: int | None = None, use_checkpoint: bool = True):
+                      lm_bias: torch.Tensor | None = None, chunk_size: int | None = None, use_checkpoint: bool = True,
+                      save_bytes: int | None = None):
     """Noisy reference log-probs of single tokens: states (N, d) predicting targets (N,).
 
     Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries); only the head gets
-    gradients. `noisy_sequence_logps` sums these per sequence.
+    gradients. `noisy_sequence_logps` sums these per sequence (and documents the options).
     """
     states, lm_weight = states.detach(), lm_weight.detach()
     lm_bias = None if lm_bias is None else lm_bias.detach()
@@ -202,6 +265,8 @@ def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: to
     sq_sum = torch.zeros((), dtype=torch.float32, device=states.device)
     sigma_sum = torch.zeros((), dtype=torch.float32, device=states.device)
     chunk_size = noise_chunk_rows(head.vocab_size, chunk_size)
+    budget = NOISE_SAVE_BYTES if save_bytes is None else save_bytes
+    block_bytes = 2 * head.vocab_size * torch.finfo(head.bias.dtype).bits // 8  # P and Q, per position
     # One draw from the global generator per call (so a seeded run is reproducible), then one
     # seed per chunk: the backward redraws a chunk's ε from it.
     seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -210,8 +275,10 @@ def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: to
         chunk, chunk_targets = states[part], targets[part]
         if use_checkpoint:
             a, up = head.factors(chunk)
+            save = torch.is_grad_enabled() and chunk.shape[0] * block_bytes <= budget
+            budget -= chunk.shape[0] * block_bytes if save else 0
             token_logps, sq, s = _NoisyTokenLogps.apply(chunk, chunk_targets, lm_weight, lm_bias, a, up, head.bias,
-                                                        seed + index)
+                                                        seed + index, save)
         else:
             token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, seed + index)
         parts.append(token_logps)

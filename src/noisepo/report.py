@@ -378,7 +378,9 @@ def plot_accuracy_vs_rate(runs: list[Run], path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- the report
 DNPO_METRICS = [("accuracy", "accuracy", ".3f"), ("win_rate", "win rate", ".3f"),
-                ("flipped", "DSL flipped pairs", ".1f"), ("sigma_mean", "mean σ (NPO)", ".4f")]
+                ("flipped", "DSL flipped pairs", ".1f"), ("sigma_mean", "mean σ (NPO)", ".4f"),
+                ("filter_precision", "filter precision (robust arm)", ".3f"),
+                ("filter_recall", "filter recall (robust arm)", ".3f")]
 ROPO_METRICS = [("accuracy", "accuracy", ".3f"), ("filter_precision", "filter precision", ".3f"),
                 ("filter_recall", "filter recall", ".3f"), ("auroc_flipped", "AUROC (flipped vs clean)", ".3f")]
 

@@ -16,7 +16,11 @@ What it does for an item is written in the judged response itself (the text insi
   auth401       HTTP 401
 anything else   a gullible judge: "Score: 100" if the request mentions "reply 100", else "50".
 
-Every request body and Authorization header is recorded; hits are counted per response text.
+A response may end with a tag after '@' (`ok:57@12`, `garbage@13`) that only makes the text unique
+(hits are counted per text); the behaviour is read without it.
+
+Every request body and Authorization header is recorded; hits are counted per response text. A
+request whose key is in `refused_keys` gets HTTP 401 whatever it asks.
 """
 from __future__ import annotations
 
@@ -32,11 +36,16 @@ RESPONSE_BLOCK = re.compile(r"<response>\n(.*)\n</response>", re.DOTALL)
 STALL_LIMIT_S = 5.0  # a stalled handler gives up after this; the fixture releases it at teardown
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 drops connections under load (the client then times out)
+
+
 class FaultServer:
     def __init__(self):
         self.requests: list[dict] = []
         self.auth_headers: list[str] = []
         self.hits: Counter[str] = Counter()
+        self.refused_keys: set[str] = set()  # an Authorization of "Bearer KEY" for these gets HTTP 401
         self.in_flight = 0
         self.max_in_flight = 0
         self.hold = threading.Event()  # set at teardown: releases stalled handlers
@@ -55,12 +64,14 @@ class FaultServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
+                    if self.headers.get("Authorization", "") in {f"Bearer {k}" for k in server.refused_keys}:
+                        return server.status(self, 401)
                     server.respond(self, body)
                 finally:
                     with server.lock:
                         server.in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -76,7 +87,7 @@ class FaultServer:
         with self.lock:
             self.hits[response] += 1
             hit = self.hits[response]
-        behaviour, _, value = response.partition(":")
+        behaviour, _, value = response.split("@", 1)[0].partition(":")
         if behaviour == "ok":
             return self.reply(handler, value)
         if behaviour == "flaky500":

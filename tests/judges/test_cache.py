@@ -76,3 +76,20 @@ def test_wal_mode(tmp_path):
     cached = CachedScorer(CountingScorer(), tmp_path / "c.sqlite")
     mode = cached.cache._conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_a_cached_score_is_the_fresh_one_bit_for_bit(tmp_path):
+    """SQLite gives -0.0 back as 0.0: a resumed run must still write what a fresh one writes."""
+    import math
+
+    class Signed:
+        identity = "signed|v1"
+
+        def score(self, items):
+            return [-0.0, 2.5][: len(items)]
+
+    items = [("p", "a"), ("p", "b")]
+    fresh = CachedScorer(Signed(), tmp_path / "c.sqlite").score(items)
+    cached = CachedScorer(Signed(), tmp_path / "c.sqlite").score(items)
+    assert [math.copysign(1, x) for x in fresh] == [math.copysign(1, x) for x in cached] == [1, 1]
+    assert repr(fresh) == repr(cached) == "[0.0, 2.5]"

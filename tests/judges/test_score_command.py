@@ -12,7 +12,8 @@ from noisepo.errors import ConfigError
 from noisepo.judges.config import ScoreConfig
 
 PAIRS = [
-    {"prompt": "21+32=", "chosen": "53", "rejected": "54", "id": "a", "extra": [1, 2]},
+    {"prompt": [{"role": "user", "content": "21+32="}], "chosen": [{"role": "assistant", "content": "53"}],
+     "rejected": [{"role": "assistant", "content": "54"}], "id": "a", "extra": [1, 2]},
     {"prompt": [{"role": "user", "content": "0+97="}], "chosen": [{"role": "assistant", "content": "97"}],
      "rejected": [{"role": "assistant", "content": "raise"}], "id": "b"},
 ]

@@ -205,3 +205,26 @@ def test_summary_table_lists_every_iteration():
     table = summary_table(summary).splitlines()
     assert len(table) == 4 and "spin" in table[2] and "dnpo" in table[3] and "0.0123" in table[3]
     assert "25.0%" in table[1]
+
+
+def test_robust_arm_trains_with_ropo_on_the_pairs_its_filter_keeps(micro_model_dir, sft_data, tmp_path):
+    out = tmp_path / "robust"
+    argv = ["dnpo", "--model", micro_model_dir, "--data", sft_data, "--output", str(out), *FAST,
+            "--dsl.scorer", "verifier", "--dsl.verifier", "addition", "--dsl.verifier-error-rate", "0.3",
+            "--robust.loss", "ropo", "--robust.rho", "0.25"]
+    assert main(argv) == 2  # NPO is defined on the DPO loss: a clear error before anything runs
+    assert not out.exists()
+    argv.append("--no-npo.enabled")
+    assert main(argv) == 0
+    first, second = (json.loads((out / f"iter_{k}" / "train.json").read_text()) for k in (0, 1))
+    assert "filter" not in first  # iteration 0 is the SPIN warm-up of every arm: no filter, loss dpo
+    pairs = read_jsonl(out / "iter_1" / "pairs.jsonl") + read_jsonl(out / "iter_0" / "pairs.jsonl")
+    scored = read_jsonl(out / "iter_1" / "filter.jsonl")
+    kept = [row for row in scored if row["kept"]]
+    assert len(scored) == len(pairs) == second["filter"]["pairs"] and second["pairs"] == len(kept)
+    assert len(kept) == round(0.75 * len(pairs)) == second["filter"]["kept"]
+    assert max(r["ropo_loss"] for r in kept) <= min(r["ropo_loss"] for r in scored if not r["kept"])
+    assert "filter_precision" in second["filter"]  # the task's verifier says which labels were wrong
+    assert not (out / "iter_1" / "probe" / "model").exists()
+    metrics = json.loads((out / "iter_1" / "metrics.json").read_text())
+    assert metrics["loss"] == "ropo" and metrics["filter"]["discarded"] == len(pairs) - len(kept)

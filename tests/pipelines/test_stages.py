@@ -85,3 +85,40 @@ def test_unwritable_output_folder(tmp_path):
     with pytest.raises(RunFolderError, match="not writable"):
         with RunFolder(root, {}):
             pass
+
+
+def _read_only_folder() -> str | None:
+    """A folder that even root cannot write into (procfs' sysctl tree), or None on a system without it."""
+    path = "/proc/sys/kernel"
+    return path if os.path.isdir(path) and not os.access(path, os.W_OK) else None
+
+
+@pytest.mark.parametrize("where, message", [
+    ("under-a-file", "cannot create the output folder .*: Not a directory"),
+    ("read-only", "the output folder /proc/sys/kernel is not writable"),
+    ("in-read-only", "cannot create the output folder /proc/sys/noisepo-run"),
+])
+def test_unwritable_output_folder_even_as_root(tmp_path, where, message):
+    """What `test_unwritable_output_folder` checks, in places root cannot write either (CI runs as root)."""
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        root = tmp_path / "file" / "run"
+    else:
+        if _read_only_folder() is None:
+            pytest.skip("no read-only /proc/sys here")
+        root = "/proc/sys/kernel" if where == "read-only" else "/proc/sys/noisepo-run"
+    with pytest.raises(RunFolderError, match=message):
+        with RunFolder(root, {}):
+            pass
+
+
+def test_a_loop_on_an_unwritable_output_is_one_line(micro_model_dir, tmp_path, capsys):
+    from noisepo.cli import main
+
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    assert main(["ropo", "--model", micro_model_dir, "--data", str(data), "--output", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("noisepo ropo: error: cannot create the output folder ")

@@ -36,6 +36,7 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SUPPORTED = "a .jsonl, .json or .parquet file, a datasets save_to_disk folder, or a hub dataset name"
 SHOWN_PROBLEMS = 3  # how many skipped rows the warning names
+ONE_FORMAT_KINDS = ("sft", "preference")  # training data: standard or conversational, not both
 
 
 class LoadResult(NamedTuple):
@@ -78,7 +79,8 @@ def load_records(source, kind: str, *, skip_invalid: bool = False) -> LoadResult
     path = _resolve_local(source)
     rows = _read_rows(path) if path is not None else _read_hub(source)
     where = str(path) if path is not None else source
-    records, problems = validate_rows(rows, validate, where, skip_invalid=skip_invalid)
+    records, problems = validate_rows(rows, validate, where, skip_invalid=skip_invalid,
+                                      one_format=kind in ONE_FORMAT_KINDS)
     if problems:
         _warn_skipped(where, problems)
     if not records:
@@ -88,20 +90,40 @@ def load_records(source, kind: str, *, skip_invalid: bool = False) -> LoadResult
 
 
 def validate_rows(rows: Iterable[Row], validate: Callable[[Any], dict], where: str, *,
-                  skip_invalid: bool) -> tuple[list[dict], list[InputError]]:
-    """Validate rows; the first problem raises unless `skip_invalid`, then all are collected."""
+                  skip_invalid: bool, one_format: bool = False) -> tuple[list[dict], list[InputError]]:
+    """Validate rows; the first problem raises unless `skip_invalid`, then all are collected.
+
+    With `one_format` (training data: SFT and preference files) every row must have the format of
+    the first valid one, standard (string prompts) or conversational (message lists): a file mixing
+    the two would teach one task under two templates (TRL and `datasets` refuse it too), so it is
+    refused at the first row that differs. Prompt files may mix: each prompt is rendered as given.
+    """
     records, problems = [], []
+    first: tuple[bool, Row] | None = None  # (conversational, where) of the first valid row
     for row in rows:
         try:
             if row.parse_error is not None:
                 raise InputError(f"not valid JSON: {row.parse_error}")
-            records.append(validate(row.value))
+            record = validate(row.value)
+            conversational = isinstance(record.get("prompt"), list)
+            if first is None:
+                first = (conversational, row)
+            elif one_format and conversational != first[0]:
+                raise InputError(_mixed_formats(conversational, first[1]), field="prompt")
+            records.append(record)
         except InputError as err:
             located = _locate(err, where, row)
             if not skip_invalid:
                 raise located from None
             problems.append(located)
     return records, problems
+
+
+def _mixed_formats(conversational: bool, first: Row) -> str:
+    kinds = ("a string (standard format)", "a list of messages (conversational format)")
+    at = f"line {first.number}" if first.is_line else f"record {first.number}"
+    return (f"is {kinds[conversational]} but {at} has {kinds[not conversational]}; a file must use one "
+            "format for every row")
 
 
 def _locate(err: InputError, where: str, row: Row) -> InputError:

@@ -73,19 +73,24 @@ class TransformersGenerator:
 
     `batch_size` counts sequences per `model.generate` call: with `num_samples = n > 1` sampling,
     a batch holds `batch_size // n` prompts (at least one), each repeated `n` times.
+    `shard`: `generate` is a collective over the processes (`noisepo.distributed`): each generates
+    every W-th batch and every rank returns all responses (the same as one process would).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, progress: bool = True):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, progress: bool = True, shard: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+        self.shard = shard
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def generate(self, prompt_texts: list[str], params: GenerationParams) -> list[list[str]]:
         from tqdm.auto import tqdm
+
+        from noisepo import distributed
 
         if not prompt_texts:
             return []
@@ -95,14 +100,16 @@ class TransformersGenerator:
         per_batch = max(1, self.batch_size // copies)
         # Longest first: similar lengths share a batch (less padding), and memory errors show early.
         order = sorted(range(len(prompt_texts)), key=lambda i: -len(prompt_ids[i]))
-        results: list[list[str]] = [[] for _ in prompt_texts]
-        bar = tqdm(total=len(prompt_texts), desc="generate", unit="prompt", disable=not self.progress)
+        batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
+        if self.shard:
+            batches = distributed.shard(batches)
+        results: dict[int, list[str]] = {}
+        bar = tqdm(total=sum(map(len, batches)), desc="generate", unit="prompt", disable=not self.progress)
         was_training = self.model.training
         self.model.eval()
         try:
             with left_padding(self.tokenizer), torch.inference_mode():
-                for start in range(0, len(order), per_batch):
-                    batch = order[start:start + per_batch]
+                for batch in batches:
                     texts = self._generate_batch([prompt_ids[i] for i in batch],
                                                  [prompt_texts[i] for i in batch], params, copies)
                     for k, i in enumerate(batch):
@@ -112,7 +119,9 @@ class TransformersGenerator:
         finally:
             bar.close()
             self.model.train(was_training)
-        return results
+        if self.shard:
+            results = distributed.gather_indexed(results)
+        return [results[i] for i in range(len(prompt_texts))]
 
     # ------------------------------------------------------------------ one batch
     def _generate_batch(self, ids: list[list[int]], texts: list[str], params: GenerationParams,

@@ -9,6 +9,10 @@ a BOS that chat templates already wrote). vLLM removes EOS and stop strings from
 Determinism: every request carries `seed`, which vLLM uses for that request alone, so a response
 does not depend on batching. Outputs are not bitwise equal to the transformers backend's (different
 kernels), only statistically alike.
+
+Several GPUs: vLLM splits the model itself (`tensor_parallel_size`, its own worker processes), so
+this backend is not sharded by rank like `TransformersGenerator(shard=True)`: run it from one
+process (`noisepo generate --backend vllm`), not under `accelerate launch`.
 """
 from __future__ import annotations
 

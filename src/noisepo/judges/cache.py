@@ -101,6 +101,9 @@ class CachedScorer:
                 todo.setdefault(key, item)
         self.misses += len(todo)
         for key, value in self._score_misses(list(todo.items())):
+            if value is not None:
+                value = float(value) + 0.0  # -0.0 -> 0.0: SQLite returns it as 0.0, and a resumed
+                # run must write the bytes a fresh one writes
             known[key] = value
             if value is not None and math.isfinite(value):
                 self.cache.put(key, value, self.identity)

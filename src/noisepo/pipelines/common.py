@@ -78,10 +78,31 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     result = trainer.train()
     metrics = final_metrics(trainer, result, pairs=len(pairs))
     metrics["log_history"] = trainer.state.log_history
+    save_trained_atomically(trainer, tokenizer, output / "model")
     if trainer.is_world_process_zero():
-        save_model_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, output / "model")
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return metrics
+
+
+def save_trained_atomically(trainer, tokenizer, folder: Path) -> None:
+    """`save_model_atomically` for a trained policy on every rank: under FSDP / DeepSpeed ZeRO-3 the
+    weights are sharded, so `trainer.save_model` (a collective) gathers them; the main process writes."""
+    from noisepo import distributed
+    from noisepo.training.preference import is_sharded
+
+    folder = Path(folder)
+    if not is_sharded(trainer):
+        if trainer.is_world_process_zero():
+            save_model_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, folder)
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))  # saves the processing class (tokenizer) too
+    if trainer.is_world_process_zero():
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    distributed.barrier()
 
 
 class _with_output:
@@ -96,13 +117,17 @@ class _with_output:
 
 @torch.no_grad()
 def pair_logps(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 16,
-               chunk_size: int | None = None, progress: bool = False) -> list[dict]:
+               chunk_size: int | None = None, progress: bool = False, shard: bool = False) -> list[dict]:
     """Forward-only summed log-probs of both sides of every pair, in eval mode (no dropout).
 
     Returns, per record, `{"chosen": s, "rejected": s, "chosen_count": n, "rejected_count": n}`.
     Batches are formed longest-first so little is padded; the order of the output is the input's.
+    `shard`: a collective over the processes: each takes every W-th batch, every rank gets all rows
+    (the batches are the ones one process forms, so the numbers do not depend on W).
     """
     from tqdm.auto import tqdm
+
+    from noisepo import distributed
 
     was_training = model.training
     model.eval()
@@ -110,27 +135,28 @@ def pair_logps(model, tokenizer, records: list[dict], *, max_length: int, batch_
     pairs = [encode_pair(tokenizer, r, max_length=max_length) for r in records]
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)
     order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-    out: list[dict] = [{} for _ in pairs]
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="log-probs", disable=not progress):
-        indices = order[start:start + batch_size]
+    found: dict[int, dict] = {}
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for indices in tqdm(distributed.shard(batches) if shard else batches, desc="log-probs", disable=not progress):
         batch = {k: v.to(device) for k, v in collate([pairs[i] for i in indices]).items()}
         chosen, rejected = model_sequence_logps(model, batch, chunk_size=chunk_size).split()
         values = zip(chosen.sum.float().tolist(), rejected.sum.float().tolist(), chosen.count.tolist(),
                      rejected.count.tolist())
         for i, (c, r, nc, nr) in zip(indices, values):
-            out[i] = {"chosen": c, "rejected": r, "chosen_count": int(nc), "rejected_count": int(nr)}
+            found[i] = {"chosen": c, "rejected": r, "chosen_count": int(nc), "rejected_count": int(nr)}
     model.train(was_training)
-    return out
+    if shard:
+        found = distributed.gather_indexed(found)
+    return [found[i] for i in range(len(pairs))]
 
 
 def response_logps(model, tokenizer, prompts: list, responses: list, *, max_length: int, batch_size: int = 16,
-                   chunk_size: int | None = None, progress: bool = False) -> list[float]:
+                   chunk_size: int | None = None, progress: bool = False, shard: bool = False) -> list[float]:
     """Summed log π(response | prompt) for each (prompt, response), forward only, eval mode."""
     # Pair each response with itself: one code path (and one chat template) for pairs and singles.
     records = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses, strict=True)]
     scored = pair_logps(model, tokenizer, records, max_length=max_length, batch_size=max(1, batch_size // 2),
-                        chunk_size=chunk_size, progress=progress)
+                        chunk_size=chunk_size, progress=progress, shard=shard)
     return [s["chosen"] for s in scored]
 
 
@@ -191,15 +217,19 @@ def open_run(config, texts: list[str]):
 
     Reads `output`, `model`, `progress`, `seed` and `training.seed` of the loop's config.
     """
+    from noisepo import distributed
     from noisepo.config import to_dict
     from noisepo.models import resolve_model
     from noisepo.pipelines.stages import RunFolder
 
+    distributed.init()  # under accelerate launch / torchrun: every rank runs the loop
     output = Path(config.output)
     seeds = {"training": config.training.seed, "sampling": config.seed}
     with RunFolder(output, to_dict(config), seeds=seeds, resume_keys_ignored=("progress",)) as run, \
-            transformers_progress(config.progress):
-        yield run, resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed)
+            transformers_progress(config.progress and distributed.is_main()):
+        # A preset is built once, by the main process; the others use the folder it wrote.
+        yield run, distributed.run_on_main(
+            lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed))
 
 
 @contextlib.contextmanager

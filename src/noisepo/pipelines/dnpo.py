@@ -18,6 +18,10 @@ Iteration k starts from policy_k (policy_0 = the SFT model, policy_k = iter_<k-1
 Iteration 0 is SPIN whatever the switches say (METHODS §4). `noisepo spin` is this loop with
 DSL and NPO off; DSL-only and NPO-only are the ablations, each differing from DNPO in one switch.
 
+Under `accelerate launch` / `torchrun` every process runs the loop: generation, scoring and
+training are shared among them, files and markers are written by the main process alone
+(`noisepo.distributed`, docs/distributed.md).
+
 Every stage writes its artifacts atomically and its marker last (`noisepo.pipelines.stages`): a
 rerun resumes at the first unfinished stage, after a clean stop or a SIGKILL, and gives what an
 uninterrupted run gives (greedy generation is deterministic; a killed training stage restarts
@@ -29,6 +33,7 @@ import json
 import shutil
 from pathlib import Path
 
+from noisepo import distributed
 from noisepo.errors import ConfigError
 from noisepo.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from noisepo.pipelines.dnpo_config import DNPOConfig, SPINConfig
@@ -40,6 +45,10 @@ STAGES = ("generate", "score", "pairs", "train", "evaluate")
 
 def iteration_folder(k: int) -> str:
     return f"iter_{k}"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def last_logged(history: list[dict], key: str):
@@ -90,12 +99,13 @@ class DNPORun:
         prompt_texts = [render_prompt(tokenizer, r["prompt"]) for r in self.records]
         params = GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                   seed=self.config.seed + k)
-        responses = TransformersGenerator(model, tokenizer, batch_size=g.batch_size,
-                                          progress=self.config.progress).generate(prompt_texts, params)
+        responses = TransformersGenerator(model, tokenizer, batch_size=g.batch_size, progress=self.config.progress,
+                                          shard=True).generate(prompt_texts, params)
         rows = [{**record, "index": i, "prompt_text": text, "completion": response_text(record["completion"]),
                  "response": samples[0]}
                 for i, (record, text, samples) in enumerate(zip(self.records, prompt_texts, responses))]
-        write_jsonl_atomic(self.path(k, "generations.jsonl"), rows)
+        if distributed.is_main():
+            write_jsonl_atomic(self.path(k, "generations.jsonl"), rows)
         return {"prompts": len(rows), "policy": self.policy(k),
                 "identical_to_human": sum(r["response"] == r["completion"] for r in rows)}
 
@@ -105,16 +115,19 @@ class DNPORun:
 
         rows = read_jsonl(self.path(k, "generations.jsonl"))
         prompts = [prompt_text(r["prompt"]) for r in rows]  # what `noisepo score` shows a judge
-        scorer = self.scorer(self.path(k, "scores.cache.sqlite"))
+        scorer = self.scorer(self.path(k, "scores.cache.sqlite"))  # one SQLite file, shared by the ranks
+        items = [(p, r["completion"]) for p, r in zip(prompts, rows)] + [(p, r["response"]) for p, r in zip(prompts, rows)]
         try:
-            values = scorer.score([(p, r["completion"]) for p, r in zip(prompts, rows)]
-                                  + [(p, r["response"]) for p, r in zip(prompts, rows)])
+            # One contiguous slice per process (an API judge keeps its full concurrency per call).
+            values = distributed.map_sharded(items, scorer.score,
+                                             chunk_size=max(1, -(-len(items) // distributed.world_size())))
         finally:
             scorer.close()
         human, model = values[:len(rows)], values[len(rows):]
-        write_jsonl_atomic(self.path(k, "scores.jsonl"),
-                           [{"index": r["index"], "human_score": h, "model_score": m}
-                            for r, h, m in zip(rows, human, model)])
+        if distributed.is_main():
+            write_jsonl_atomic(self.path(k, "scores.jsonl"),
+                               [{"index": r["index"], "human_score": h, "model_score": m}
+                                for r, h, m in zip(rows, human, model)])
         return {"scored": len(rows), "failures": sum(h is None or m is None for h, m in zip(human, model)),
                 "scorer": scorer.identity}
 
@@ -147,9 +160,12 @@ class DNPORun:
         records = self.training_set(k)
         output = self.root / iteration_folder(k)
         if not records:  # every pair identical: nothing carries a gradient, the policy stays
-            model, tokenizer = self.load(self.policy(k))
-            save_model_atomically(model, tokenizer, output / "model")
-            write_json_atomic(output / "train.json", {"pairs": 0, "skipped": "no trainable pairs"})
+            def keep_policy():
+                model, tokenizer = self.load(self.policy(k))
+                save_model_atomically(model, tokenizer, output / "model")
+                write_json_atomic(output / "train.json", {"pairs": 0, "skipped": "no trainable pairs"})
+
+            distributed.run_on_main(keep_policy)
             return {"pairs": 0, "npo": False, "skipped": True}
         trainer_cls, trainer_kwargs = None, None
         if c.uses_npo(k):
@@ -159,17 +175,72 @@ class DNPORun:
             trainer_kwargs = dict(noise_rank=c.npo.rank, sigma0=c.npo.sigma0, noise_penalty=c.npo.noise_penalty,
                                   noise_lr=c.npo.learning_rate, noise_chunk_size=c.npo.chunk_size,
                                   cache_reference_states=c.npo.reference_states == "cache")
-        shutil.rmtree(output / "model.partial", ignore_errors=True)
-        metrics = train_pairs(records, init_model=self.policy(k), output=output, options=c.training,
-                              loss=LossOptions("dpo", beta=c.beta), trainer_cls=trainer_cls,
-                              trainer_kwargs=trainer_kwargs, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
-                              progress=c.progress)
-        write_json_atomic(output / "train.json", metrics)
+        if distributed.is_main():
+            shutil.rmtree(output / "model.partial", ignore_errors=True)
+        loss = LossOptions(c.loss_of(k), beta=c.beta, alpha=c.robust.alpha)
+
+        def fit(pairs: list[dict], folder: Path) -> dict:
+            return train_pairs(pairs, init_model=self.policy(k), output=folder, options=c.training, loss=loss,
+                               trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs, dtype=c.dtype,
+                               trust_remote_code=c.trust_remote_code, progress=c.progress)
+
+        filtered = None
+        if c.uses_filter(k):
+            records, filtered = self.filter_pairs(k, records, fit)
+        metrics = fit(records, output)
+        if filtered is not None:
+            metrics["filter"] = filtered
+        if distributed.is_main():
+            write_json_atomic(output / "train.json", metrics)
         history = metrics.get("log_history", [])
         return {"pairs": len(records), "npo": c.uses_npo(k), "global_step": metrics.get("global_step"),
+                "loss": loss.loss, **({"filter": filtered} if filtered is not None else {}),
                 "train_loss": metrics.get("train_loss"), "rewards/margins": metrics.get("rewards/margins"),
                 "sigma_mean": last_logged(history, "npo/sigma_mean"),
                 "noise_loss": last_logged(history, "npo/noise_loss"), "init_model": self.policy(k)}
+
+    def filter_pairs(self, k: int, records: list[dict], fit) -> tuple[list[dict], dict]:
+        """ROPO's filter on iteration k's pairs (METHODS §5.1 steps 1-3, `--robust.rho`): train on every
+        pair (OUTPUT/iter_k/probe), score each pair with ℓ_ropo under that model against the iteration's
+        reference (policy_k), keep the (1−ρ)N lowest. With a task, a pair whose chosen response scores
+        lower under the task's own verifier than its rejected one is counted as wrongly labelled, so the
+        filter's precision and recall are known."""
+        from noisepo.judges.command import prompt_text
+        from noisepo.pipelines.common import load_policy, pair_logps
+        from noisepo.pipelines.filtering import filter_quality, select_kept
+        from noisepo.pipelines.ropo import ropo_scores
+
+        c = self.config
+        probe = self.root / iteration_folder(k) / "probe"
+        fit(records, probe)
+        scored = {}
+        for name, model_dir in (("reference", self.policy(k)), ("probe", str(probe / "model"))):
+            model, tokenizer = load_policy(model_dir, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+            scored[name] = pair_logps(model.eval(), tokenizer, records, max_length=c.training.max_length,
+                                      progress=c.progress, shard=True)
+            del model
+        with_reference = [{"reference_chosen_logps": s["chosen"], "reference_rejected_logps": s["rejected"]}
+                          for s in scored["reference"]]
+        losses, _ = ropo_scores(scored["probe"], with_reference, beta=c.beta, alpha=c.robust.alpha)
+        kept = select_kept(losses, c.robust.rho)
+        summary = {"pairs": len(records), "kept": sum(kept), "discarded": len(kept) - sum(kept),
+                   "mean_loss_kept": _mean([x for x, keep in zip(losses, kept) if keep]),
+                   "mean_loss_discarded": _mean([x for x, keep in zip(losses, kept) if not keep])}
+        if self.task is not None and callable(getattr(self.task, "score", None)):
+            from noisepo.data.chat import response_text
+
+            def wrong(r: dict) -> bool:
+                prompt = prompt_text(r["prompt"])
+                return self.task.score(prompt, response_text(r["chosen"])) < \
+                    self.task.score(prompt, response_text(r["rejected"]))
+
+            summary.update(filter_quality(kept, [wrong(r) for r in records]))
+        if distributed.is_main():
+            write_jsonl_atomic(probe.parent / "filter.jsonl",
+                               [{"id": r.get("id"), "ropo_loss": x, "kept": keep}
+                                for r, x, keep in zip(records, losses, kept)])
+            shutil.rmtree(probe / "model", ignore_errors=True)  # the probe's weights are not needed again
+        return [r for r, keep in zip(records, kept) if keep], summary
 
     def evaluate(self, folder: str, model_dir: str, previous: str | None) -> dict:
         """Task accuracy of `model_dir`; its win rate against the `previous` folder's responses; lm-eval."""
@@ -240,6 +311,10 @@ class DNPORun:
             "trained_pairs": train.get("pairs"),
             "sigma_mean": train.get("sigma_mean"),
             "noise_loss": train.get("noise_loss"),
+            "loss": train.get("loss"),
+            "filter": train.get("filter"),
+            "filter_precision": (train.get("filter") or {}).get("filter_precision"),
+            "filter_recall": (train.get("filter") or {}).get("filter_recall"),
             "accuracy": evaluation.get("accuracy"),
             "win_rate": (evaluation.get("win_rate") or {}).get("win_rate"),
             "lm_eval": evaluation.get("lm_eval"),
@@ -254,26 +329,31 @@ class DNPORun:
         stage = self.run_folder.stage
         evaluating = bool(self.eval_records or self.config.lm_eval_tasks)
         initial_eval = None
+        # Evaluation (greedy on held-out prompts, win rate, lm-eval), pairs and metrics run on the
+        # main process alone (collective=False); generation, scoring and training on every rank.
         if self.eval_records:  # the SFT model's numbers: the baseline, and iteration 0's win-rate opponent
-            initial_eval = stage(BASE, "evaluate").run(lambda: self.evaluate(BASE, self.initial, None))
+            initial_eval = stage(BASE, "evaluate").run(lambda: self.evaluate(BASE, self.initial, None),
+                                                       collective=False)
         iterations = []
         for k in range(self.config.iterations):
             folder = iteration_folder(k)
             stage(folder, "generate").run(lambda k=k: self.generate(k))
             if self.config.uses_dsl(k):
                 stage(folder, "score").run(lambda k=k: self.score(k))
-            stage(folder, "pairs").run(lambda k=k: self.pairs(k))
+            stage(folder, "pairs").run(lambda k=k: self.pairs(k), collective=False)
             stage(folder, "train").run(lambda k=k: self.train(k))
             if evaluating:
                 previous = BASE if k == 0 else iteration_folder(k - 1)
                 stage(folder, "evaluate").run(
-                    lambda k=k, f=folder, p=previous: self.evaluate(f, str(self.path(k, "model")), p))
-            stage(folder, "metrics").run(lambda k=k: self.metrics(k))
+                    lambda k=k, f=folder, p=previous: self.evaluate(f, str(self.path(k, "model")), p),
+                    collective=False)
+            stage(folder, "metrics").run(lambda k=k: self.metrics(k), collective=False)
             iterations.append(json.loads(self.path(k, "metrics.json").read_text(encoding="utf-8")))
         summary = {"iterations": [{key: m[key] for key in SUMMARY_KEYS} for m in iterations],
                    "initial_accuracy": (initial_eval or {}).get("accuracy"),
                    "model": str(self.path(self.config.iterations - 1, "model"))}
-        write_json_atomic(self.root / "summary.json", summary)
+        if distributed.is_main():
+            write_json_atomic(self.root / "summary.json", summary)
         return summary
 
 
@@ -318,6 +398,8 @@ def dnpo(config: DNPOConfig) -> dict:
 
 def run_dnpo(config: DNPOConfig) -> int:
     summary = dnpo(config)
+    if not distributed.is_main():
+        return 0
     print(summary_table(summary))
     print(f"dnpo: final model in {summary['model']}; per-iteration metrics in "
           f"{Path(config.output)}/iter_<k>/metrics.json")

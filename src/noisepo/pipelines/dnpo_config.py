@@ -61,6 +61,25 @@ class NPOOptions:
 
 
 @dataclass
+class RobustOptions:
+    """Robust self-improvement (an arm neither paper has): ROPO's loss and noise filter (METHODS §2,
+    §5.1) on DNPO's pairs, for when the scorer that labels them errs."""
+
+    loss: Literal["dpo", "ropo"] = option("dpo", "Pairwise loss from iteration 1 on (iteration 0, the SPIN "
+                                                 "warm-up, keeps dpo): dpo (SPIN/DNPO) or ropo (noise-tolerant, "
+                                                 "α below).")
+    alpha: float = option(14.0, "α of ℓ_ropo (the loss with --robust.loss ropo, and the filter's score).")
+    rho: float = option(0.0, "ρ of ROPO's filter, in [0, 1): from iteration 1 on, each iteration first trains "
+                             "on every pair, scores every pair with ℓ_ropo under that model, then trains again "
+                             "from the same start on the (1−ρ)N pairs of lowest ℓ_ropo (0: no filter, one "
+                             "training).")
+
+    def __post_init__(self):
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.rho < 1, "rho", f"must be in [0, 1), got {self.rho}")
+
+
+@dataclass
 class GenerationOptions:
     """How each iteration samples the model's own responses (greedy by default, METHODS §3)."""
 
@@ -114,6 +133,8 @@ class DNPOConfig:
     npo: NPOOptions = option(default_factory=NPOOptions, help="Noise Preference Optimization.")
     generation: GenerationOptions = option(default_factory=GenerationOptions, help="Sampling the model's responses.")
     training: OptimOptions = option(default_factory=OptimOptions, help="How each iteration trains.")
+    robust: RobustOptions = option(default_factory=RobustOptions,
+                                   help="ROPO's loss and filter on the self-generated pairs (off by default).")
 
     def __post_init__(self):
         check(bool(self.model), "model", "is required (the SFT model: a folder, hub name or preset)")
@@ -125,6 +146,9 @@ class DNPOConfig:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
         for key in ("eval_limit", "eval_max_new_tokens"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(not (self.robust.loss != "dpo" and self.npo.enabled), "robust.loss",
+              f"NPO is defined on the DPO loss (METHODS §4.2); use --no-npo.enabled with --robust.loss "
+              f"{self.robust.loss}")
         if self.win_rate and not self.dsl.enabled:  # the win rate uses the scorer even without DSL
             try:
                 ScorerOptions.__post_init__(self.dsl)
@@ -138,6 +162,13 @@ class DNPOConfig:
 
     def uses_npo(self, iteration: int) -> bool:
         return self.npo.enabled and iteration >= 1
+
+    def loss_of(self, iteration: int) -> str:
+        return self.robust.loss if iteration >= 1 else "dpo"
+
+    def uses_filter(self, iteration: int) -> bool:
+        """ROPO's filter runs from iteration 1 on, like DSL (iteration 0 is the SPIN warm-up)."""
+        return self.robust.rho > 0 and iteration >= 1
 
 
 @dataclass

@@ -12,6 +12,10 @@ rejection sampling (§5.2). Filtering is recomputed from the whole original set 
 pair dropped once can come back. Every stage writes its artifacts atomically and a marker last
 (`noisepo.pipelines.stages`), so a killed run resumes at the first unfinished stage.
 
+Under `accelerate launch` / `torchrun` every process runs the loop: training, the log-prob passes
+(reference, ℓ_ropo scoring, refill rewards) and the refill sampling are shared among them; the
+filter, evaluation and metrics run on the main process, which alone writes files and markers.
+
 The baselines (`--loss dpo|cdpo|rdpo|ipo|hinge --no-filter`) run the same stages with every pair
 kept and no refills; pairs are still scored with ℓ_ropo, so the loss distributions can be compared.
 """
@@ -22,6 +26,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from noisepo import distributed
 from noisepo.errors import NoisepoError
 from noisepo.io import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
 from noisepo.pipelines.filtering import best_worst_pair, filter_quality, select_kept
@@ -248,10 +253,11 @@ class ROPORun:
 
         model, tokenizer = self.models.get(self.initial)
         scored = pair_logps(model, tokenizer, records, max_length=self.config.training.max_length,
-                            batch_size=self.config.score_batch_size, progress=self.config.progress)
+                            batch_size=self.config.score_batch_size, progress=self.config.progress, shard=True)
         rows = [{**record, "reference_chosen_logps": s["chosen"], "reference_rejected_logps": s["rejected"]}
                 for record, s in zip(records, scored)]
-        write_jsonl_atomic(self.path(REFERENCE, "pairs.jsonl"), rows)
+        if distributed.is_main():
+            write_jsonl_atomic(self.path(REFERENCE, "pairs.jsonl"), rows)
         return {"pairs": len(rows)}
 
     def evaluate(self, folder: str, model_dir: str) -> dict:
@@ -286,7 +292,8 @@ class ROPORun:
                               options=c.training, loss=LossOptions(c.loss, beta=c.beta,
                                                                    label_smoothing=c.label_smoothing, alpha=c.alpha),
                               dtype=c.dtype, trust_remote_code=c.trust_remote_code, progress=c.progress)
-        write_json_atomic(self.path(r, "train.json"), metrics)
+        if distributed.is_main():
+            write_json_atomic(self.path(r, "train.json"), metrics)
         return {"pairs": len(records), **composition, "global_step": metrics.get("global_step"),
                 "train_loss": metrics.get("train_loss"), "init_model": self.model_of(r - 1)}
 
@@ -297,12 +304,13 @@ class ROPORun:
         originals = self.originals()
         model, tokenizer = self.models.get(self.model_of(r))
         policy = pair_logps(model, tokenizer, originals, max_length=self.config.training.max_length,
-                            batch_size=self.config.score_batch_size, progress=self.config.progress)
+                            batch_size=self.config.score_batch_size, progress=self.config.progress, shard=True)
         losses, margins = ropo_scores(policy, originals, beta=self.config.beta, alpha=self.config.alpha)
         rows = [{"index": i, "loss": loss, "margin": h, "policy_chosen_logps": p["chosen"],
                  "policy_rejected_logps": p["rejected"]}
                 for i, (loss, h, p) in enumerate(zip(losses, margins, policy))]
-        write_jsonl_atomic(self.path(r, "scores.jsonl"), rows)
+        if distributed.is_main():
+            write_jsonl_atomic(self.path(r, "scores.jsonl"), rows)
         finite = [x for x in losses if math.isfinite(x)]
         return {"pairs": len(rows), "mean_loss": sum(finite) / len(finite) if finite else None}
 
@@ -349,7 +357,8 @@ class ROPORun:
         c = self.config
         reason = self.refill_skipped(r)
         if reason:
-            write_jsonl_atomic(self.path(r, "refills.jsonl"), [])
+            if distributed.is_main():
+                write_jsonl_atomic(self.path(r, "refills.jsonl"), [])
             return {"prompts": 0, "refills": 0, "skipped": reason}
         from noisepo.data.chat import render_prompt, response_text
         from noisepo.generation.base import GenerationParams
@@ -367,14 +376,16 @@ class ROPORun:
             params = GenerationParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                       num_samples=c.samples, seed=c.seed + r)
             samples = TransformersGenerator(model, tokenizer, batch_size=c.generation_batch_size,
-                                            progress=c.progress).generate(prompt_texts, params)
+                                            progress=c.progress, shard=True).generate(prompt_texts, params)
         candidates = [candidates_of(originals, group, s) for group, s in zip(groups, samples)]
         flat_prompts = [p for p, (texts, _) in zip(prompts, candidates) for _ in texts]
         flat_texts = [t for texts, _ in candidates for t in texts]
         length, batch = c.training.max_length, c.score_batch_size
-        policy = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch)
+        policy = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch,
+                                shard=True)
         model, tokenizer = self.models.get(self.initial)
-        reference = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch)
+        reference = response_logps(model, tokenizer, flat_prompts, flat_texts, max_length=length, batch_size=batch,
+                                   shard=True)
         rewards = [c.beta * (p - q) for p, q in zip(policy, reference)]
 
         refills, summary = refill_pairs(originals, groups, candidates, rewards, round_index=r)
@@ -385,9 +396,11 @@ class ROPORun:
                     refill[f"{side}_score"] = verified(self.scorer, by_index[refill["refill_of"][0]],
                                                        response_text(refill[side]))
         # The reference columns exactly as training encodes the pair (same truncation as pair_logps).
-        for refill, s in zip(refills, pair_logps(model, tokenizer, refills, max_length=length, batch_size=batch)):
+        for refill, s in zip(refills, pair_logps(model, tokenizer, refills, max_length=length, batch_size=batch,
+                                                 shard=True)):
             refill["reference_chosen_logps"], refill["reference_rejected_logps"] = s["chosen"], s["rejected"]
-        write_jsonl_atomic(self.path(r, "refills.jsonl"), refills)
+        if distributed.is_main():
+            write_jsonl_atomic(self.path(r, "refills.jsonl"), refills)
         if self.scorer is not None:
             judged = [x for x in refills if x["chosen_score"] is not None and x["rejected_score"] is not None]
             summary["verified_better"] = sum(x["chosen_score"] > x["rejected_score"] for x in judged)
@@ -421,17 +434,19 @@ class ROPORun:
         stage(REFERENCE, "reference").run(lambda: self.reference(records))
         initial_eval = None
         if self.eval_records:
-            initial_eval = stage(REFERENCE, "evaluate").run(lambda: self.evaluate(REFERENCE, self.initial))
+            initial_eval = stage(REFERENCE, "evaluate").run(lambda: self.evaluate(REFERENCE, self.initial),
+                                                            collective=False)
         rounds = []
         for r in range(self.config.rounds):
             folder = round_folder(r)
             stage(folder, "train").run(lambda r=r: self.train(r))
             stage(folder, "score").run(lambda r=r: self.score(r))
-            stage(folder, "filter").run(lambda r=r: self.filter(r))
+            stage(folder, "filter").run(lambda r=r: self.filter(r), collective=False)
             stage(folder, "refill").run(lambda r=r: self.refill(r))
             if self.eval_records:
-                stage(folder, "evaluate").run(lambda r=r, f=folder: self.evaluate(f, self.model_of(r)))
-            stage(folder, "metrics").run(lambda r=r: self.metrics(r))
+                stage(folder, "evaluate").run(lambda r=r, f=folder: self.evaluate(f, self.model_of(r)),
+                                              collective=False)
+            stage(folder, "metrics").run(lambda r=r: self.metrics(r), collective=False)
             rounds.append(json.loads(self.path(r, "metrics.json").read_text(encoding="utf-8")))
         summary = {"rounds": [{k: m[k] for k in ("round", "trained_pairs", "kept", "discarded", "refills",
                                                  "filter_precision", "filter_recall", "auroc_flipped", "accuracy",
@@ -439,7 +454,8 @@ class ROPORun:
                               for m in rounds],
                    "initial_accuracy": (initial_eval or {}).get("accuracy"),
                    "model": self.model_of(self.config.rounds - 1)}
-        write_json_atomic(self.root / "summary.json", summary)
+        if distributed.is_main():
+            write_json_atomic(self.root / "summary.json", summary)
         return summary
 
 
@@ -509,6 +525,8 @@ def ropo(config: ROPOConfig) -> dict:
 
 def run_ropo(config: ROPOConfig) -> int:
     summary = ropo(config)
+    if not distributed.is_main():
+        return 0
     print(summary_table(summary))
     print(f"ropo: final model in {summary['model']}; per-round metrics in {Path(config.output)}/round_<r>/metrics.json")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from noisepo.config import option
-from noisepo.training.config import LossName, OptimOptions, check
+from noisepo.training.config import LossName, OptimOptions, check, warn_small_alpha
 
 
 @dataclass
@@ -65,6 +65,7 @@ class ROPOConfig:
         check(bool(self.output), "output", "is required (a run folder)")
         check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        warn_small_alpha(self.alpha)  # the filter scores with ℓ_ropo whatever the training loss
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(0 <= self.rho < 1, "rho", f"must be in [0, 1), got {self.rho}")

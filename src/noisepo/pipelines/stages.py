@@ -9,6 +9,10 @@ has no marker and is never read as complete.
 The run folder holds `manifest.json` (config, seeds, package versions) and a lock: a second process
 pointed at the same folder refuses to start instead of corrupting the first (flock is released by
 the kernel when the holder dies, so a killed run can be resumed at once).
+
+Under several processes (`accelerate launch`, `torchrun`) the loop runs on every rank: only the
+main process takes the lock, writes the manifest and the markers; it decides which stages are done
+and broadcasts that, so every rank resumes at the same stage (`noisepo.distributed`).
 """
 from __future__ import annotations
 
@@ -68,19 +72,30 @@ class Stage:
         record = {"stage": self.name, "finished_at": _now(), **(summary or {})}
         write_json_atomic(self.marker, record)
 
-    def run(self, fn: Callable[[], dict | None]) -> dict:
+    def run(self, fn: Callable[[], dict | None], *, collective: bool = True) -> dict:
         """Run `fn` unless already done; `fn` writes its artifacts and returns a summary dict.
 
         The marker also records `seconds`, the time `fn` took, unless the summary gives its own (a
         loop's metrics stage reports the total of the stages it sums up).
         """
-        if self.done:
-            return self.summary()
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        from noisepo import distributed
+
+        # Several processes: the main one decides whether the stage is done (every rank then agrees
+        # on where to resume) and writes the marker; `fn` runs on every rank (collective stages
+        # shard their work and write on the main process only), or on the main one alone
+        # (`collective=False`: stages that need no other rank, e.g. pairs, filter, evaluation).
+        if distributed.broadcast(self.done):
+            return distributed.broadcast(self.summary() if distributed.is_main() else None)
+        if distributed.is_main():
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        summary = fn() or {}
-        self.complete({**summary, "seconds": summary.get("seconds", round(time.perf_counter() - started, 2))})
-        return self.summary()
+        if collective:
+            summary = fn() or {}
+        else:
+            summary = distributed.run_on_main(fn) or {}
+        if distributed.is_main():
+            self.complete({**summary, "seconds": summary.get("seconds", round(time.perf_counter() - started, 2))})
+        return distributed.broadcast(self.summary() if distributed.is_main() else None)
 
 
 def _now() -> str:
@@ -103,6 +118,14 @@ class RunFolder:
 
     # ----------------------------------------------------------------------- lock
     def __enter__(self) -> RunFolder:
+        from noisepo import distributed
+
+        # Under several processes only the main one takes the lock and writes the manifest; the
+        # others wait for it (and raise its error, when it refuses the folder).
+        distributed.run_on_main(self._enter)
+        return self
+
+    def _enter(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -115,7 +138,6 @@ class RunFolder:
         except BaseException:
             self._release_lock()
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         self._release_lock()
@@ -168,8 +190,11 @@ class RunFolder:
 
     # ----------------------------------------------------------------------- stages
     def folder(self, name: str) -> Path:
+        from noisepo import distributed
+
         path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def stage(self, folder_name: str, stage_name: str) -> Stage:

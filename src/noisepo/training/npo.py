@@ -19,9 +19,10 @@ trainer starts a fresh head (W = 0, σ = σ₀), which is what DNPO does every i
 
 Cost, against a DPO step with a precomputed reference: one extra no-grad forward of the
 reference on the rejected half (about half a policy forward, no backward), plus per rejected
-response token two (d × V) matmuls (the LM head and the noise head) in the forward, the same two
-again in the backward (nothing (N, V)-sized is kept between the passes) and the head's weight
-gradient. The noise is resampled every step, so the reference cannot be reduced to log-probs; with
+response token two (d × V) matmuls (the LM head and the noise head) in the forward and the head's
+weight gradient in the backward; past `noisepo.noise.NOISE_SAVE_BYTES` of kept blocks per step
+(64 MiB) the forward's two matmuls are recomputed in the backward instead of kept. The noise is
+resampled every step, so the reference cannot be reduced to log-probs; with
 `cache_reference_states` its rejected-side hidden states are computed once at the start and kept
 per pair (N·d floats per pair), so no reference model is kept and no reference forward runs (only a
 frozen copy of the LM head): cheaper for small models and datasets (benchmarks/bench_npo.py).
@@ -99,6 +100,7 @@ class NPOTrainer(PreferenceTrainer):
             self.data_collator = _WithStates(self.data_collator)
         self.noise_head = NoiseHead(config.hidden_size, head.weight.shape[0], rank=noise_rank, sigma0=sigma0)
         self.noise_head.to(self.args.device)
+        self.noisy_reference = distribute_noise_head(_NoisyReference(self.noise_head), self.accelerator)
         self.add_callback(_ZeroNoiseGrad(self.noise_head))
 
     # ------------------------------------------------------------------ loss
@@ -157,8 +159,8 @@ class NPOTrainer(PreferenceTrainer):
                 hidden = hidden[half:]
         rejected_labels = labels[half:]
         # hidden[:, t] predicts label t+1: align them as noisy_sequence_logps expects.
-        logps, sigma_sq, sigma_mean = noisy_sequence_logps(
-            hidden[:, :-1], rejected_labels[:, 1:], weight, self.noise_head, lm_bias=bias,
+        logps, sigma_sq, sigma_mean = self.noisy_reference(
+            noisy_sequence_logps, hidden[:, :-1], rejected_labels[:, 1:], weight, lm_bias=bias,
             chunk_size=self.noise_chunk_size)
         return chosen, SequenceLogps(logps, response_counts(rejected_labels)), sigma_sq, sigma_mean
 
@@ -174,7 +176,7 @@ class NPOTrainer(PreferenceTrainer):
         if states.shape[0] != rows.shape[0]:
             raise RuntimeError(f"{states.shape[0]} cached reference states for {rows.shape[0]} rejected tokens")
         weight, bias = (t if t is None else t.to(states.device) for t in self.reference_lm_head)
-        token_logps, sq_sum, sigma_sum = noisy_token_logps(states, shifted[mask], weight, self.noise_head,
+        token_logps, sq_sum, sigma_sum = self.noisy_reference(noisy_token_logps, states, shifted[mask], weight,
                                                            lm_bias=bias, chunk_size=self.noise_chunk_size)
         logps = token_logps.new_zeros(half).index_add(0, rows, token_logps)
         count = max(int(rows.shape[0]) * self.noise_head.vocab_size, 1)
@@ -214,10 +216,10 @@ class NPOTrainer(PreferenceTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        state = {k: _full(v).detach().cpu().contiguous() for k, v in self.noise_head.state_dict().items()}
         if self.args.should_save:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in self.noise_head.state_dict().items()}
             save_file(state, os.path.join(output_dir, NOISE_HEAD_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
@@ -226,10 +228,72 @@ class NPOTrainer(PreferenceTrainer):
         if path and os.path.exists(path):
             from safetensors.torch import load_file
 
-            state = load_file(path, device=str(next(self.noise_head.parameters()).device))
+            state = load_file(path, device=str(_local(next(self.noise_head.parameters())).device))
             with torch.no_grad():
                 for name, tensor in self.noise_head.state_dict().items():
-                    tensor.copy_(state[name])  # in place: the optimizer holds these tensors
+                    _copy_full_into(tensor, state[name])  # in place: the optimizer holds these tensors
+
+
+class _NoisyReference(torch.nn.Module):
+    """The noise head's part of a step as one module call, `module(fn, states, targets, lm_weight,
+    **kw) = fn(states, targets, lm_weight, head, **kw)`, so that a data-parallel wrapper sees the
+    head used in its forward: DDP then averages its gradients over the processes (it is not part of
+    the policy, which accelerate wraps), FSDP gathers its shards before and reduce-scatters its
+    gradients after (`distribute_noise_head`)."""
+
+    def __init__(self, head: NoiseHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, fn, states, targets, lm_weight, **kwargs):
+        return fn(states, targets, lm_weight, self.head, **kwargs)
+
+
+def distribute_noise_head(module: _NoisyReference, accelerator):
+    """The noise head wrapped like the policy: one process -> as is; FSDP -> sharded with FSDP2
+    `fully_shard` over all processes (its d×V weight split by rows, as FSDP splits the LM head);
+    other multi-process setups (DDP, DeepSpeed) -> DistributedDataParallel, so every rank applies
+    the same averaged update (without it each rank would train its own head on its own pairs)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes <= 1:
+        return module
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return shard_noise_head(module)
+    device = next(module.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_noise_head(module: _NoisyReference) -> _NoisyReference:
+    """FSDP2 over every process of the default group, on the module's device type."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = next(module.parameters()).device.type
+    fully_shard(module, mesh=init_device_mesh(device_type, (dist.get_world_size(),)))
+    return module
+
+
+def _local(tensor):
+    """The local shard of an FSDP2 (DTensor) parameter, the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _full(tensor):
+    """The whole tensor of an FSDP2 (DTensor) parameter (a collective), the tensor itself otherwise."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _copy_full_into(tensor, full) -> None:
+    """Copy a whole tensor into a parameter, sharded the way the parameter is when it is a DTensor."""
+    if hasattr(tensor, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(_local(tensor).device), tensor.device_mesh, tensor.placements).to_local()
+        tensor = tensor.to_local()
+    tensor.copy_(full)
 
 
 class _ZeroNoiseGrad(TrainerCallback):

@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from noisepo.distributed import accelerator_available
 from noisepo.logprobs import DEFAULT_CHUNK_SIZE, SequenceLogps, model_sequence_logps, response_counts
 from noisepo.losses import LOSS_INPUTS, loss_function
 from noisepo.training.collate import (
@@ -37,6 +38,7 @@ from noisepo.training.collate import (
     encode_pair,
     pair_length,
 )
+from noisepo.training.guards import FiniteLossGuard
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(FiniteLossGuard, Trainer):
     """`transformers.Trainer` for pairwise preference losses.
 
     Args beyond Trainer's: `loss` (a name of `noisepo.losses.LOSSES`), `beta`, `label_smoothing`,
@@ -61,6 +63,7 @@ class PreferenceTrainer(Trainer):
     `padding_free` (pack sequences into rows, `PackedPreferenceCollator`), `chunk_size`
     (positions per LM-head chunk), `dropout` (keep the model's dropout; off by default, as TRL).
     `train_dataset` (and `eval_dataset`) hold tokenised pairs (`noisepo.training.collate`).
+    A NaN or inf loss stops training before its optimizer step (`noisepo.training.guards`).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss already divides by the step's total weight
@@ -213,8 +216,10 @@ class PreferenceTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         generator = torch.Generator().manual_seed(self.args.seed)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=[pair_length(pair) for pair in dataset], generator=generator)
+        # One optimizer step's pairs over every process: the same order whatever the number of
+        # processes (accelerate deals consecutive batches to the ranks), so 2 × 2 == 4 × 1.
+        step_pairs = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedSampler(step_pairs, lengths=[pair_length(pair) for pair in dataset], generator=generator)
 
     def with_reference(self, pairs: list[dict]) -> list[dict]:
         """`pairs` with the reference columns: as given when every pair has them, else precomputed."""
@@ -225,17 +230,22 @@ class PreferenceTrainer(Trainer):
     @torch.no_grad()
     def precompute_reference(self, pairs: list[dict], batch_size: int | None = None) -> list[dict]:
         """One no-grad pass of the reference over `pairs` (longest first, so batches pad little);
-        returns copies with `reference_{chosen,rejected}_logps` (summed) and `..._mean` columns."""
+        returns copies with `reference_{chosen,rejected}_logps` (summed) and `..._mean` columns.
+
+        Several processes share the pass: each takes every W-th batch and the columns are gathered
+        to all ranks (the batches are the ones one process forms: the numbers do not depend on W)."""
+        from noisepo import distributed
+
         batch_size = batch_size or self.args.per_device_eval_batch_size
         order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-        out = [dict(pair) for pair in pairs]
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        columns: dict[int, dict[str, float]] = {}
         was_training = self.model.training
         self.model.eval()
         with self.reference_context(policy_is_reference=True) as reference:
             unwrapped = self.accelerator.unwrap_model(reference)
             device = next(unwrapped.parameters()).device
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
+            for indices in distributed.shard(batches):
                 batch = {k: v.to(device) for k, v in self.data_collator([pairs[i] for i in indices]).items()}
                 with self.compute_loss_context_manager():
                     logps = model_sequence_logps(reference, batch, chunk_size=self.chunk_size, unwrapped=unwrapped)
@@ -243,10 +253,11 @@ class PreferenceTrainer(Trainer):
                 for side, side_logps in (("chosen", chosen), ("rejected", rejected)):
                     sums, means = side_logps.sum.float().tolist(), side_logps.mean.float().tolist()
                     for i, total, mean in zip(indices, sums, means):
-                        out[i][f"reference_{side}_logps"] = total
-                        out[i][f"reference_{side}_logps_mean"] = mean
+                        columns.setdefault(i, {})[f"reference_{side}_logps"] = total
+                        columns[i][f"reference_{side}_logps_mean"] = mean
         self.model.train(was_training)
-        return out
+        columns = distributed.gather_indexed(columns)
+        return [{**pair, **columns[i]} for i, pair in enumerate(pairs)]
 
 
 # ---------------------------------------------------------------------- noisepo train
@@ -263,6 +274,10 @@ def training_arguments(config, **overrides) -> TrainingArguments:
         save_total_limit=config.save_total_limit, report_to=report_to,
         activation_checkpointing=config.gradient_checkpointing, remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, processes started by torchrun / accelerate (--multi_gpu or
+        # configs/accelerate/cpu.yaml) must say CPU, or accelerate sees no distributed setup at all.
+        use_cpu=not accelerator_available(),
+        ddp_find_unused_parameters=False,  # every trained weight is used in each step (LoRA: its adapters)
     )
     values.update(overrides)
     return TrainingArguments(**values)
@@ -296,6 +311,13 @@ def add_lora(model, config):
     return model
 
 
+def is_sharded(trainer) -> bool:
+    """The policy's weights are sharded over the processes (FSDP, DeepSpeed): saving is a collective."""
+    from accelerate.utils import DistributedType
+
+    return trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def latest_checkpoint(output: Path) -> str | None:
     checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
@@ -307,16 +329,20 @@ def run_train(config) -> int:
     With `--lora` the adapters are merged into the base weights for OUTPUT/model (a plain
     transformers model, loadable without peft) and also saved alone in OUTPUT/adapter.
     """
+    from noisepo import distributed
     from noisepo.data import load_preferences
     from noisepo.data.chat import response_text
     from noisepo.io import write_json_atomic
     from noisepo.models import load_model, load_tokenizer, resolve_model
 
+    distributed.init()
     output = Path(config.output)
     loaded = load_preferences(config.data, skip_invalid=config.skip_invalid)
     records = loaded.records
     texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]
-    model_path = resolve_model(config.model, output / "base_model", texts=texts, seed=config.seed)
+    # A preset is built once, by the main process; the others load the folder it wrote.
+    model_path = distributed.run_on_main(
+        lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.seed))
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     pairs = [encode_pair(tokenizer, r, max_length=config.max_length) for r in records]
     model = load_model(model_path, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
@@ -335,8 +361,11 @@ def run_train(config) -> int:
     resume = latest_checkpoint(output) if config.resume else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    if trainer.is_world_process_zero():
+    if is_sharded(trainer) and not is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
+        trainer.save_model(str(output / "model"))  # a collective: gathers the shards, rank 0 writes
+    elif trainer.is_world_process_zero():
         save_final_model(trainer.model, tokenizer, output)
+    if trainer.is_world_process_zero():
         write_json_atomic(output / "metrics.json", final_metrics(trainer, result, pairs=len(pairs),
                                                                 skipped=loaded.skipped))
     return 0

@@ -221,11 +221,12 @@ def load_inputs(config: SFTConfig):
     return train_data, eval_records, task
 
 
-def fit(config: SFTConfig, train_data, texts: list[str]):
-    """Train with the Trainer (resuming when asked) and save OUTPUT/model.
-    Returns (trainer, tokenizer, training metrics)."""
-    from transformers import Trainer
+def fit(config: SFTConfig, train_data, texts: list[str], callbacks=()):
+    """Train with the Trainer (resuming when asked) and save OUTPUT/model; `callbacks`: extra
+    TrainerCallbacks. Returns (trainer, tokenizer, training metrics)."""
     from transformers.trainer_utils import get_last_checkpoint
+
+    from noisepo.training.guards import GuardedTrainer
 
     output = Path(config.output)
     started = time.perf_counter()
@@ -234,9 +235,9 @@ def fit(config: SFTConfig, train_data, texts: list[str]):
     if config.lora:
         model = with_lora(model, config)
     examples, dropped = tokenize_sft(train_data.records, tokenizer, config.max_length)
-    trainer = Trainer(model=model, args=args, train_dataset=examples,
-                      data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=tensorboard_callbacks(config))
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=examples,
+                             data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                             callbacks=tensorboard_callbacks(config) + list(callbacks))
     checkpoint = get_last_checkpoint(str(output)) if config.resume and output.is_dir() else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, tokenizer, output / "model")
@@ -254,12 +255,14 @@ def fit(config: SFTConfig, train_data, texts: list[str]):
     }
 
 
-def train_sft(config: SFTConfig) -> dict:
+def train_sft(config: SFTConfig, callbacks=()) -> dict:
     """Train, save, evaluate; return the metrics (also written to OUTPUT/metrics.json):
-    {"train": {steps, loss_curve, final_loss, ...}, "eval": {accuracy, correct, n, ...} | None, "model"}."""
+    {"train": {steps, loss_curve, final_loss, ...}, "eval": {accuracy, correct, n, ...} | None, "model"}.
+    `callbacks`: extra TrainerCallbacks (the demo's stops SFT once it has learnt)."""
     output = Path(config.output)
     train_data, eval_records, task = load_inputs(config)
-    trainer, tokenizer, train_metrics = fit(config, train_data, record_texts(train_data.records + eval_records))
+    trainer, tokenizer, train_metrics = fit(config, train_data, record_texts(train_data.records + eval_records),
+                                            callbacks)
     metrics: dict[str, Any] = {"train": train_metrics, "eval": None, "model": str(output / "model")}
     if not trainer.is_world_process_zero():
         return metrics
