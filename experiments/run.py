@@ -15,7 +15,8 @@ Then `noisepo report` over every run folder -> RUNS/<task>/<experiment>/report/.
 
 The task comes from the YAML or `--task` (a built-in name or an import path `pkg.mod:Task`: the same
 plug-in path a user would use; nothing here knows a task). `--quick` applies the YAML's `quick:`
-overrides (fewer seeds, prompts and steps) for a run of minutes. Every command and its wall time is
+overrides (fewer seeds, prompts and steps) for a run of minutes; `per_task:` holds each task's own
+hyperparameters (learning rates chosen on its validation split, experiments/LOG.md). Every command and its wall time is
 appended to RUNS/<task>/<experiment>/commands.log.
 """
 from __future__ import annotations
@@ -60,6 +61,15 @@ def flags(options: dict) -> list[str]:
         elif value is not None:
             out += [f"--{flag}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return out
+
+
+def with_task_overrides(spec: dict) -> dict:
+    """`spec` with its `per_task: {<task name>: {dotted.key: value}}` overrides for the task applied
+    (hyperparameters chosen on each task's validation split); the task is named by its `name`."""
+    from noisepo.tasks import load_task, task_name
+
+    overrides = (spec.get("per_task") or {}).get(task_name(load_task(spec["task"])))
+    return deep_merge(spec, overrides) if overrides else spec
 
 
 def short_hash(value) -> str:
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         spec["name"] = spec["name"] + "-quick"
     if args.task:
         spec["task"] = args.task
+    spec = with_task_overrides(spec)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
     runner = Runner(spec, Path(args.runs), dry_run=args.dry_run)
     start = time.time()

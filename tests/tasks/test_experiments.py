@@ -39,12 +39,15 @@ def test_every_arm_of_every_spec_builds_its_config(spec_path, quick, task, tmp_p
     if quick:
         spec = runner_module.deep_merge(spec, spec.get("quick", {}))
     spec["task"] = task
+    spec = runner_module.with_task_overrides(spec)
     runner = runner_module.Runner(spec, tmp_path, dry_run=True)
     runner.run(list(spec["seeds"]), None)
     arms = len(spec["arms"]) * len(spec["seeds"])
     if spec.get("noise"):
         arms *= len(spec["noise"]["rates"]) + len(spec["noise"].get("practical") or {})
     assert len(runner.configs) == arms
+    rates = {from_dict(config_class(c), o).training.learning_rate for c, o in runner.configs}
+    assert rates == ({3e-5} if "reverse" in task else {3e-6})  # each task's own, from per_task
     for command, options in runner.configs:
         config = from_dict(config_class(command), options)
         assert config.task == task
