@@ -111,7 +111,11 @@ class Runner:
     def sft(self, seed: int, data: Path) -> Path:
         options = {"task": self.task, "seed": seed, "data": str(data / "sft.jsonl"),
                    "eval_data": str(data / "val.jsonl"), **self.spec["sft"]}
-        folder = self.root / f"sft-{short_hash({**options, 'data': data.name})}-s{seed}"
+        # Keyed by what decides the SFT data and training (not n_pairs): experiments and their --quick
+        # variants that differ only in the pairs share one SFT model per seed.
+        sft_data = {k: v for k, v in self.spec["data"].items() if k != "n_pairs"}
+        key = {**options, "data": sft_data, "eval_data": None}
+        folder = self.root / f"sft-{short_hash(key)}-s{seed}"
         if not (folder / "metrics.json").exists():
             self.noisepo("sft", "--output", str(folder), "--resume", *flags(options))
         return folder / "model"

@@ -71,13 +71,39 @@ def init() -> None:
     same process finds the group initialised and reuses it.
     """
     warn_single_cpu_launch()
-    if launched_world_size() <= 1 or _dist() is not None:
+    if launched_world_size() <= 1:
         return
-    from datetime import timedelta
+    if _dist() is None:
+        from datetime import timedelta
 
-    from accelerate import PartialState
+        from accelerate import PartialState
 
-    PartialState(cpu=not accelerator_available(), timeout=timedelta(seconds=TIMEOUT_SECONDS))
+        PartialState(cpu=not accelerator_available(), timeout=timedelta(seconds=TIMEOUT_SECONDS))
+    _destroy_at_exit()
+
+
+_EXIT_HOOKED = False
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group when the interpreter exits: a gloo group left alive can abort the
+    process in its C++ destructors ("terminate called without an active exception", exit -6) after
+    all the work is done, which a launcher reports as a failed run."""
+    global _EXIT_HOOKED
+    if _EXIT_HOOKED:
+        return
+    import atexit
+
+    def destroy() -> None:
+        dist = _dist()
+        if dist is not None:
+            try:
+                dist.destroy_process_group()
+            except Exception as err:  # exiting anyway: say why, never mask the run's own exit status
+                log.debug("destroy_process_group at exit: %s", err)
+
+    atexit.register(destroy)
+    _EXIT_HOOKED = True
 
 
 def accelerate_cpu_processes() -> int:

@@ -268,6 +268,11 @@ def _per_step(runs: list[Run], key: str) -> tuple[list[int], list[float], list[f
     finished = [r for r in runs if r.complete]
     length = max((len(r.steps) for r in finished), default=0)
     xs, means, stds = [], [], []
+    initial = mean_std([_initial(r, key) for r in finished])
+    if initial is not None and length:  # the starting model, drawn at step -1
+        xs.append(-1)
+        means.append(initial[0])
+        stds.append(initial[1] or 0.0)
     for k in range(length):
         stats = mean_std([r.steps[k].get(key) for r in finished if k < len(r.steps)])
         if stats is not None:
@@ -319,15 +324,25 @@ def plot_lines(groups: dict, keys: list[tuple[str, str]], path: Path, *, xlabel:
     Figure, Canvas = _figure_tools()
     figure, axes = _new_axes(Figure, Canvas, len(keys))
     drawn = False
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
     for ax, (key, ylabel) in zip(axes, keys):
-        for group, runs in groups.items():
+        low, high = 1.0, 0.0
+        for index, (group, runs) in enumerate(groups.items()):
             xs, means, stds = _per_step(runs, key)
             if xs:
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=_label(group))
+                marker, line = styles[index % len(styles)]
+                # Offset each group a little along x, so groups with equal values stay visible.
+                shift = 0.04 * (index - (len(groups) - 1) / 2)
+                ax.errorbar([x + shift for x in xs], means, yerr=stds, marker=marker, linestyle=line, capsize=3,
+                            label=_label(group))
+                low = min(low, *(m - e for m, e in zip(means, stds)))
+                high = max(high, *(m + e for m, e in zip(means, stds)))
                 drawn = True
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(f"{xlabel} (-1: the initial model)" if drawn else xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(-0.02, 1.02)  # every plotted metric is a rate in [0, 1]
+        if drawn:  # every plotted metric is a rate in [0, 1]: zoom on the data, stay inside [0, 1]
+            pad = max(0.02, 0.1 * (high - low))
+            ax.set_ylim(max(-0.02, low - pad), min(1.02, high + pad))
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title)
         if ax.get_legend_handles_labels()[0]:
