@@ -87,6 +87,7 @@ def generation_batched_vs_loop(quick: bool) -> dict:
         "ours_seconds": [round(s, 4) for s in ours_s],
         "baseline_seconds": [round(s, 4) for s in base_s],
         "outputs_equal": ours_texts == base_texts,
+        "notes": f"outputs equal: {ours_texts == base_texts}; {num_prompts} prompts × {max_new_tokens} tokens",
         "model": "tiny preset (4 layers, width 128), CPU, 1 thread, greedy",
         "batch_size": 32,
     }

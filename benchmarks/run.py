@@ -3,7 +3,8 @@
 Collects `BENCHMARKS: dict[str, Callable[[bool], dict]]` from every `benchmarks/bench_*.py`
 (the argument is `quick`); each times ours and its baseline side by side in one run, alternating
 after a warm-up, and reports the median of at least 5 rounds as
-`{"name", "ours", "baseline", "unit", "ratio", ...extra}` (extra: `target`, e.g. "<= 1.3", and notes).
+`{"name", "ours", "baseline", "unit", "ratio", ...extra}` (extra: `target`, e.g. "<= 1.3", `notes`: a
+line for the README table).
 
 Prints a table with each target met or not; `--output` writes the results as a JSON list (each
 with the machine's description under `machine`). A run of the whole suite (no `--only`) appends a
@@ -105,12 +106,12 @@ def markdown(results: list[dict], info: dict, *, quick: bool, seconds: float, co
     absolute = bool(info.get("gpu"))
     lines = [f"### {'`--quick`' if quick else 'Full'} run, {info['date']}", "",
              f"`{command}` on {describe(info)}; {seconds / 60:.1f} min in all.", "",
-             "| benchmark | ours | baseline | unit | ratio | target | |", "|---|---|---|---|---|---|---|"]
+             "| benchmark | ours | baseline | unit | ratio | target | | notes |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         hide = not absolute and any(unit in r["unit"] for unit in TIME_UNITS)
         ours, baseline = ("—", "—") if hide else (r["ours"], r["baseline"])
         lines.append(f"| `{r['name']}` | {ours} | {baseline} | {r['unit']} | **{r['ratio']}** | "
-                     f"{r.get('target', '—')} | {_verdict(r)} |")
+                     f"{r.get('target', '—')} | {_verdict(r)} | {r.get('notes', '')} |")
     if not absolute:
         lines += ["", "Absolute times are left out (CPU, shared cores): the ratios are what the alternation "
                       "makes meaningful."]

@@ -125,7 +125,8 @@ def _noisy_chunk(states, targets, lm_weight, lm_bias, head: NoiseHead, seed: int
 
 
 class _NoisyTokenLogps(torch.autograd.Function):
-    """The same numbers as `_noisy_chunk`, keeping only (n,)-sized tensors between the passes.
+    """The same numbers as `_noisy_chunk`, keeping only (n,)-sized tensors between the passes, or
+    with `save` two (n, V) blocks that spare the backward its recomputation (module docstring).
 
     Inputs: states (n, d) and targets (n,) of the reference; lm_weight (V, d), lm_bias (V,) or
     None (frozen); the head's factors a (n, k), up (V, k) and bias (V,) (u = a upᵀ + bias,
