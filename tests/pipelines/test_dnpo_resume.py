@@ -8,14 +8,13 @@ unpatched and is killed as soon as the poll sees iteration 0's training marker.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+from killed_runs import child_env, run_killed_at_marker
 from noisepo.cli import main
 
 from .test_dnpo import dnpo_argv, sft_data, verifier  # noqa: F401  (fixtures)
@@ -41,29 +40,11 @@ npo.NPOTrainer.training_step = training_step
 """
 
 
-def child_env(tmp_path: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-
-
 def run_killed(patch: str, argv: list[str], tmp_path: Path) -> int:
     code = ("import os, signal, sys\nfrom pathlib import Path\nimport torch\ntorch.set_num_threads(1)\n"
             + textwrap.dedent(patch) + "from noisepo.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     return subprocess.run([sys.executable, "-c", code, *argv], env=child_env(tmp_path), capture_output=True,
                           timeout=300).returncode
-
-
-def run_killed_at_marker(argv: list[str], marker: Path, tmp_path: Path) -> None:
-    """`python -m noisepo ...`, SIGKILLed as soon as `marker` exists."""
-    child = subprocess.Popen([sys.executable, "-m", "noisepo", *argv], env=child_env(tmp_path),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
 
 
 def artifacts(out: Path) -> dict[str, bytes]:

@@ -18,7 +18,6 @@ first runs, and the first completes with the baseline's artifacts).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from killed_runs import child_env, run_killed_at_marker
 from noisepo.cli import main
 
 pytestmark = pytest.mark.slow
@@ -43,30 +43,12 @@ def die():
 """
 
 
-def child_env(extra_path: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-            "PYTHONPATH": os.pathsep.join([str(extra_path), os.environ.get("PYTHONPATH", "")])}
-
-
 def run_killed(patch: str, argv: list[str], extra_path: Path) -> None:
     """The CLI in a child process with `patch` applied; it must die by SIGKILL."""
     code = PRELUDE + textwrap.dedent(patch) + "from noisepo.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     done = subprocess.run([sys.executable, "-c", code, *argv], env=child_env(extra_path), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-
-
-def run_killed_at_marker(argv: list[str], marker: Path, extra_path: Path) -> None:
-    """`python -m noisepo ...`, SIGKILLed from outside as soon as `marker` exists."""
-    child = subprocess.Popen([sys.executable, "-m", "noisepo", *argv], env=child_env(extra_path),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
 
 
 # Kill patches. Each one fires at the first matching moment of its process.
