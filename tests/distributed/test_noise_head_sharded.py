@@ -80,6 +80,7 @@ SCRIPT = textwrap.dedent('''
     if not distributed or dist.get_rank() == 0:
         torch.save(states, out)
     if distributed:
+        dist.barrier()  # rank 0 has finished writing: tear gloo down together, never under a busy peer
         dist.destroy_process_group()
 ''')
 
