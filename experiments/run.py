@@ -1,7 +1,8 @@
 """Run one experiment of issue 8 from its YAML file: every seed, every arm, through the `noisepo` CLI.
 
     python experiments/run.py experiments/a_self_improvement.yaml [--quick] [--task T] [--seeds 0,1,2]
-                              [--runs experiments/runs] [--only ARM,ARM] [--dry-run]
+                              [--runs experiments/runs] [--only ARM,ARM] [--jobs 2] [--dry-run]
+    python experiments/run.py SPEC.yaml --search-lr 1e-5,3e-5,1e-4 [--search-eta 0.2] [--seeds 0]
 
 What it does, per seed (each step is a `noisepo` command a user could type; each resumes, so a rerun
 of this script after a crash or Ctrl-C continues where it stopped):
@@ -17,7 +18,13 @@ The task comes from the YAML or `--task` (a built-in name or an import path `pkg
 plug-in path a user would use; nothing here knows a task). `--quick` applies the YAML's `quick:`
 overrides (fewer seeds, prompts and steps) for a run of minutes; `per_task:` holds each task's own
 hyperparameters (learning rates chosen on its validation split, experiments/LOG.md). Every command and its wall time is
-appended to RUNS/<task>/<experiment>/commands.log.
+appended to RUNS/<task>/<experiment>/commands.log. `--jobs N` runs N arms at once (one CPU thread each;
+an arm's output then goes to RUNS/<task>/<experiment>/logs/<run>.log).
+
+`--search-lr` is the learning-rate search (issue 8: the same grid for every method): every arm at every
+rate of the grid, evaluated on the *validation* split (never the test split), for experiment B at the one
+flip rate `--search-eta`; the runs go to RUNS/<task>/<experiment>-search/ and the table of final
+validation accuracy (arm x rate) to its search.md.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -77,28 +86,39 @@ def short_hash(value) -> str:
 
 
 class Runner:
-    def __init__(self, spec: dict, runs: Path, *, dry_run: bool = False):
-        self.spec, self.dry_run = spec, dry_run
+    def __init__(self, spec: dict, runs: Path, *, dry_run: bool = False, jobs: int = 1,
+                 search_lrs: list[float] | None = None):
+        self.spec, self.dry_run, self.jobs = spec, dry_run, jobs
+        self.search_lrs = search_lrs  # the learning-rate search: every arm at every rate, on validation
+        self.pending: list[tuple[Path, list[str]]] = []  # arm runs queued for the parallel phase
+        self.lock = threading.Lock()
         self.task = spec["task"]
         task_folder = self.task.replace(":", "-").replace(".", "_")
         self.root = runs / task_folder
-        self.experiment_root = self.root / spec["name"]
+        self.experiment_root = self.root / (spec["name"] + ("-search" if search_lrs else ""))
         self.log = self.experiment_root / "commands.log"
         self.configs: list[tuple[str, dict]] = []  # (command, options) of every arm run, for checks
         self.practical: dict[str, list[Path]] = {}  # rule-based noise setting -> its run folders
 
-    def noisepo(self, *args: str) -> None:
+    def noisepo(self, *args: str, output: Path | None = None) -> None:
+        """Run one `noisepo` command (its output to `output` when given), logging it and its wall time."""
         command = [sys.executable, "-m", "noisepo", *args]
         text = " ".join(shlex.quote(a) for a in command[2:])
-        print(f"$ {text}", flush=True)
+        print(f"$ {text}" + (f"   > {output}" if output else ""), flush=True)
         if self.dry_run:
             return
         start = time.time()
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        subprocess.run(command, check=True, env=env)
-        self.experiment_root.mkdir(parents=True, exist_ok=True)
-        with self.log.open("a", encoding="utf-8") as log:
-            log.write(f"{time.time() - start:8.1f} s  {text}\n")
+        if output is None:
+            subprocess.run(command, check=True, env=env)
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with output.open("w", encoding="utf-8") as sink:
+                subprocess.run(command, check=True, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        with self.lock:
+            self.experiment_root.mkdir(parents=True, exist_ok=True)
+            with self.log.open("a", encoding="utf-8") as log:
+                log.write(f"{time.time() - start:8.1f} s  {text}\n")
 
     # ------------------------------------------------------------------ shared per seed
     def data(self, seed: int) -> Path:
@@ -129,10 +149,14 @@ class Runner:
         return path
 
     # ------------------------------------------------------------------ arms
-    def arm(self, name: str, seed: int, model: Path, data_file: Path, eval_file: Path, suffix: str = "") -> Path:
+    def arm(self, name: str, seed: int, model: Path, data_file: Path, eval_file: Path, suffix: str = "",
+            learning_rate: float | None = None) -> Path:
         arm = self.spec["arms"][name]
         command = arm.get("command", "dnpo")
         options = deep_merge(self.spec.get("loop", {}).get(command, {}), arm.get("options", {}))
+        if learning_rate is not None:
+            options = deep_merge(options, {"training.learning_rate": learning_rate})
+            suffix += "-lr" + f"{learning_rate:g}".replace("e-0", "e-")
         options = deep_merge(options, {"model": str(model), "data": str(data_file), "task": self.task,
                                        "eval_data": str(eval_file), "seed": seed, "progress": False,
                                        "training.seed": seed})
@@ -147,31 +171,68 @@ class Runner:
         if not self.dry_run:
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(yaml.safe_dump(options, sort_keys=False))
-        self.noisepo(command, "--config", str(config))
+        self.pending.append((folder, [command, "--config", str(config)]))
         return folder
+
+    def run_pending(self) -> None:
+        """The queued arm runs, `jobs` at a time; the first failure stops the experiment."""
+        pending, self.pending = self.pending, []
+        if self.jobs <= 1:
+            for _, args in pending:
+                self.noisepo(*args)
+            return
+        logs = self.experiment_root / "logs"
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for future in [pool.submit(self.noisepo, *args, output=logs / f"{folder.name}.log")
+                           for folder, args in pending]:
+                future.result()
 
     def run(self, seeds: list[int], only: list[str] | None, *, prepare_only: bool = False) -> list[Path]:
         folders = []
         arms = [a for a in self.spec["arms"] if not only or a in only]
+        # The search evaluates on validation; the experiment itself on the test split, read once.
+        split = "val.jsonl" if self.search_lrs else "test.jsonl"
         for seed in seeds:
             data = self.data(seed)
             model = self.sft(seed, data)
             if prepare_only:
                 continue
             noise = self.spec.get("noise")
-            for arm in arms:
-                if noise is None:  # experiment A: SFT data, one run per arm
-                    folders.append(self.arm(arm, seed, model, data / "sft.jsonl", data / "test.jsonl"))
-                    continue
-                settings = {f"noise{rate:g}": {"kind": "symmetric", "eta": rate} for rate in noise.get("rates", [])}
-                settings.update(noise.get("practical") or {})
-                for name, corruption in settings.items():
-                    pairs = self.noisy_data(data, name, corruption, seed)
-                    folder = self.arm(arm, seed, model, pairs, data / "test.jsonl", f"-{name}")
-                    folders.append(folder)
-                    if corruption.get("kind") != "symmetric":  # its own report: not a point of the rate sweep
-                        self.practical.setdefault(name, []).append(folder)
+            for learning_rate in self.search_lrs or [None]:
+                for arm in arms:
+                    if noise is None:  # experiment A: SFT data, one run per arm
+                        folders.append(self.arm(arm, seed, model, data / "sft.jsonl", data / split,
+                                                learning_rate=learning_rate))
+                        continue
+                    settings = {f"noise{rate:g}": {"kind": "symmetric", "eta": rate} for rate in noise.get("rates", [])}
+                    settings.update(noise.get("practical") or {})
+                    for name, corruption in settings.items():
+                        pairs = self.noisy_data(data, name, corruption, seed)
+                        folder = self.arm(arm, seed, model, pairs, data / split, f"-{name}", learning_rate)
+                        folders.append(folder)
+                        if corruption.get("kind") != "symmetric":  # its own report: not a point of the rate sweep
+                            self.practical.setdefault(name, []).append(folder)
+        self.run_pending()
         return folders
+
+    def search_table(self, folders: list[Path]) -> str:
+        """Markdown: final validation accuracy of every searched run, arm x learning rate (per seed)."""
+        cells: dict[tuple[str, str], list[str]] = {}
+        for folder in folders:
+            summary = json.loads((folder / "summary.json").read_text())
+            final = summary.get("final_accuracy")
+            if final is None:  # ropo's summary lists its rounds
+                rounds = summary.get("rounds") or summary.get("iterations") or []
+                final = rounds[-1].get("accuracy") if rounds else None
+            stem = folder.name.rsplit("-s", 1)[0]
+            arm, _, rate = stem.rpartition("-lr")
+            cells.setdefault((arm, rate), []).append("-" if final is None else f"{100 * final:.1f}")
+        arms = list(dict.fromkeys(a for a, _ in cells))
+        rates = sorted({r for _, r in cells}, key=float)
+        lines = ["| lr | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for rate in rates:
+            lines.append(f"| {rate} | " + " | ".join(" / ".join(cells.get((a, rate), ["-"])) for a in arms) + " |")
+        return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=str(HERE / "runs"), help="where run folders go (default: experiments/runs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--prepare-only", action="store_true", help="make the data and SFT models only")
+    parser.add_argument("--jobs", type=int, default=1, help="arm runs at once, one CPU thread each (default 1)")
+    parser.add_argument("--search-lr", help="comma-separated learning rates: run the search on validation instead")
+    parser.add_argument("--search-eta", type=float, default=0.2,
+                        help="experiment B's flip rate for the search (default 0.2, as in LOG.md)")
     args = parser.parse_args(argv)
 
     spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
@@ -193,11 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.task:
         spec["task"] = args.task
     spec = with_task_overrides(spec)
+    search_lrs = [float(rate) for rate in args.search_lr.split(",")] if args.search_lr else None
+    if search_lrs and spec.get("noise"):
+        spec["noise"] = {"rates": [args.search_eta]}
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
-    runner = Runner(spec, Path(args.runs), dry_run=args.dry_run)
+    if search_lrs and not args.seeds:
+        seeds = seeds[:1]
+    runner = Runner(spec, Path(args.runs), dry_run=args.dry_run, jobs=args.jobs, search_lrs=search_lrs)
     start = time.time()
     folders = runner.run(seeds, args.only.split(",") if args.only else None, prepare_only=args.prepare_only)
-    if folders and not args.dry_run:
+    if search_lrs and folders and not args.dry_run:
+        table = runner.search_table(folders)
+        (runner.experiment_root / "search.md").write_text(
+            f"# {spec['title']} ({spec['task']}): learning-rate search, final validation accuracy (%)\n\n{table}")
+        print(table)
+    elif folders and not args.dry_run:
         practical = {f for group in runner.practical.values() for f in group}
         runner.noisepo("report", "--runs", ",".join(str(f) for f in folders if f not in practical),
                        "--output", str(runner.experiment_root / "report"), "--title", f"{spec['title']} ({spec['task']})")

@@ -86,3 +86,41 @@ def test_accuracy_by_subset():
     predictions = [{"score": 1.0}, {"score": 1.0}, {"score": 0.0}, {"score": 1.0}]
     assert accuracy_by_subset(records, predictions) == {"easy": 1.0, "hard": 0.5}
     assert accuracy_by_subset([{}], [{"score": 1.0}]) == {}
+
+
+def test_search_runs_every_arm_at_every_rate_on_validation(tmp_path):
+    runner_module = load_runner()
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "experiments" / "b_label_noise.yaml").read_text())
+    spec = runner_module.with_task_overrides(spec)
+    spec["noise"] = {"rates": [0.2]}
+    runner = runner_module.Runner(spec, tmp_path, dry_run=True, search_lrs=[1e-5, 1e-4])
+    folders = runner.run([0], None)
+    assert len(runner.configs) == len(folders) == 2 * len(spec["arms"])
+    assert {from_dict(config_class(c), o).training.learning_rate for c, o in runner.configs} == {1e-5, 1e-4}
+    assert all(o["eval_data"].endswith("val.jsonl") for _, o in runner.configs)  # never the test split
+    assert {f.parent.name for f in folders} == {"b_label_noise-search"}
+    assert "dpo-noise0.2-lr1e-5-s0" in {f.name for f in folders}
+
+    for folder, accuracy in [("dpo-noise0.2-lr1e-5-s0", 0.5), ("dpo-noise0.2-lr1e-4-s0", 0.75),
+                             ("ropo-norefill-noise0.2-lr1e-5-s0", 0.625)]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "summary.json").write_text(json.dumps({"rounds": [{"accuracy": 0.1},
+                                                                                 {"accuracy": accuracy}]}))
+    table = runner.search_table([tmp_path / f for f in ("dpo-noise0.2-lr1e-5-s0", "dpo-noise0.2-lr1e-4-s0",
+                                                        "ropo-norefill-noise0.2-lr1e-5-s0")])
+    assert table.splitlines()[0] == "| lr | dpo-noise0.2 | ropo-norefill-noise0.2 |"
+    assert "| 1e-5 | 50.0 | 62.5 |" in table and "| 1e-4 | 75.0 | - |" in table
+
+
+def test_jobs_run_every_queued_arm_once(tmp_path):
+    runner_module = load_runner()
+    runner = runner_module.Runner({"task": "addition", "name": "x"}, tmp_path, jobs=2)
+    calls = []
+    runner.noisepo = lambda *args, output=None: calls.append((args, output))
+    runner.pending = [(tmp_path / f"arm{i}", ["ropo", "--config", f"c{i}.yaml"]) for i in range(5)]
+    runner.run_pending()
+    assert sorted(args for args, _ in calls) == sorted(("ropo", "--config", f"c{i}.yaml") for i in range(5))
+    assert {output.name for _, output in calls} == {f"arm{i}.log" for i in range(5)}
+    assert runner.pending == []
