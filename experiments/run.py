@@ -81,6 +81,12 @@ def with_task_overrides(spec: dict) -> dict:
     return deep_merge(spec, overrides) if overrides else spec
 
 
+def short_float(value: float) -> str:
+    """1e-4 -> "1e-4", 3e-05 -> "3e-5", 2.5e-6 -> "2.5e-6": a learning rate as a folder name would write it."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def short_hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -156,7 +162,7 @@ class Runner:
         options = deep_merge(self.spec.get("loop", {}).get(command, {}), arm.get("options", {}))
         if learning_rate is not None:
             options = deep_merge(options, {"training.learning_rate": learning_rate})
-            suffix += "-lr" + f"{learning_rate:g}".replace("e-0", "e-")
+            suffix += f"-lr{short_float(learning_rate)}"
         options = deep_merge(options, {"model": str(model), "data": str(data_file), "task": self.task,
                                        "eval_data": str(eval_file), "seed": seed, "progress": False,
                                        "training.seed": seed})
