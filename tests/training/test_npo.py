@@ -41,9 +41,11 @@ def npo(model, tmp_path, pairs, tokenizer, training=None, **kwargs):
                       **kwargs)
 
 
-def test_policy_loss_reaches_only_the_policy_and_noise_loss_only_the_head(micro_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_policy_loss_reaches_only_the_policy_and_noise_loss_only_the_head(micro_model_dir, tokenizer, tmp_path,
+                                                                           cache):
     model = load(micro_model_dir)
-    tr = npo(model, tmp_path, make_pairs(tokenizer), tokenizer, sigma0=0.3)
+    tr = npo(model, tmp_path, make_pairs(tokenizer), tokenizer, sigma0=0.3, cache_reference_states=cache)
     batch = tr.data_collator(tr.train_dataset)
     model.train()
     pc, pr = tr.policy_logps(model, batch)
@@ -53,7 +55,7 @@ def test_policy_loss_reaches_only_the_policy_and_noise_loss_only_the_head(micro_
     policy_losses.mean().backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in tr.noise_head.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert all(p.grad is None for p in tr.ref_model.parameters())
+    assert cache or all(p.grad is None for p in tr.ref_model.parameters())
 
     model.zero_grad(set_to_none=True)
     noise_loss.backward()
@@ -61,19 +63,19 @@ def test_policy_loss_reaches_only_the_policy_and_noise_loss_only_the_head(micro_
     assert tr.noise_head.bias.grad.abs().sum() > 0
 
 
-def test_with_sigma_held_at_zero_npo_is_dpo_exactly(micro_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_with_sigma_held_at_zero_npo_is_dpo_exactly(micro_model_dir, tokenizer, tmp_path, cache):
     """σ ≡ 0: the noisy reference is the clean one, so loss and policy gradients are DPO's."""
     pairs = make_pairs(tokenizer)
     dpo_model, npo_model = load(micro_model_dir), load(micro_model_dir)
     dpo = PreferenceTrainer(dpo_model, args(tmp_path / "d"), pairs, loss="dpo", beta=0.5, processing_class=tokenizer)
-    tr = npo(npo_model, tmp_path / "n", pairs, tokenizer)
+    tr = npo(npo_model, tmp_path / "n", pairs, tokenizer, cache_reference_states=cache)
     with torch.no_grad():
         tr.noise_head.bias.fill_(-1e4)  # softplus(-1e4) == 0 exactly: σ ≡ 0 (W = 0 in a fresh head)
-    batch = dpo.data_collator(dpo.train_dataset)
     dpo_model.train()
     npo_model.train()
-    dpo_loss = dpo.compute_loss(dpo_model, batch)
-    npo_loss = tr.compute_loss(npo_model, batch)
+    dpo_loss = dpo.compute_loss(dpo_model, dpo.data_collator(dpo.train_dataset))
+    npo_loss = tr.compute_loss(npo_model, tr.data_collator(tr.train_dataset))  # the same pairs (+ states)
     # the noisy forward is a different (chunked, noise-added) computation of the same log-softmax
     assert torch.allclose(npo_loss, dpo_loss, atol=1e-5)
     dpo_loss.backward()
@@ -146,6 +148,28 @@ def test_cached_reference_states_give_the_forward_numbers_without_a_reference_mo
     assert torch.allclose(loss_a, loss_b, atol=1e-5) and torch.allclose(sigma_a, sigma_b, atol=1e-7)
     for a, b in zip(policy_a + head_a, policy_b + head_b):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_auto_caches_the_reference_states_only_when_they_fit_and_the_reference_is_the_policy(
+        micro_model_dir, tokenizer, tmp_path, monkeypatch):
+    import noisepo.training.npo as npo_module
+
+    pairs = make_pairs(tokenizer)
+    model = load(micro_model_dir)
+    d = model.get_output_embeddings().weight.shape[1]
+    tokens = sum(len(p["rejected_ids"]) for p in pairs)
+    assert npo_module.reference_states_bytes(pairs, model) == tokens * d * 4  # float32
+    assert npo_module.reference_states_bytes([{"prompt": "x"}], model) is None  # not tokenised
+    default = npo(model, tmp_path / "a", pairs, tokenizer)  # the default is "auto": these states fit
+    assert default.cache_reference_states and default.ref_model is None
+    assert npo_module.STATES_COLUMN in default.train_dataset[0]
+    given = npo(load(micro_model_dir), tmp_path / "b", pairs, tokenizer, ref_model=load(micro_model_dir))
+    assert not given.cache_reference_states and given.ref_model is not None  # a separate reference: never cached
+    monkeypatch.setattr(npo_module, "CACHE_STATES_BUDGET_BYTES", tokens * d * 4 - 1)  # one byte short
+    over = npo(load(micro_model_dir), tmp_path / "c", pairs, tokenizer)
+    assert not over.cache_reference_states and over.ref_model is not None
+    with pytest.raises(ValueError, match="auto"):
+        npo(load(micro_model_dir), tmp_path / "d", pairs, tokenizer, cache_reference_states="yes")
 
 
 def test_low_rank_head_and_rejecting_other_losses(micro_model_dir, tokenizer, tmp_path):

@@ -174,7 +174,7 @@ class DNPORun:
             trainer_cls = NPOTrainer
             trainer_kwargs = dict(noise_rank=c.npo.rank, sigma0=c.npo.sigma0, noise_penalty=c.npo.noise_penalty,
                                   noise_lr=c.npo.learning_rate, noise_chunk_size=c.npo.chunk_size,
-                                  cache_reference_states=c.npo.reference_states == "cache")
+                                  cache_reference_states={"cache": True, "forward": False}.get(c.npo.reference_states, "auto"))
         if distributed.is_main():
             shutil.rmtree(output / "model.partial", ignore_errors=True)
         loss = LossOptions(c.loss_of(k), beta=c.beta, alpha=c.robust.alpha)

@@ -44,11 +44,12 @@ class NPOOptions:
     rank: int | None = option(None, "Rank of the head's W (null: full d × V, as in the paper; r: a cheaper "
                                     "low-rank head with r·(d + V) weights).")
     learning_rate: float | None = option(None, "The noise head's learning rate (null: the policy's).")
-    reference_states: Literal["forward", "cache"] = option(
-        "forward", "Where the rejected side's reference hidden states come from: forward: a frozen copy of "
-                   "the reference runs on the rejected half every step; cache: computed once per iteration and "
-                   "kept per pair (N·d floats per pair, no reference model in memory, no reference forward: "
-                   "cheaper for small models and datasets).")
+    reference_states: Literal["auto", "forward", "cache"] = option(
+        "auto", "Where the rejected side's reference hidden states come from: forward: a frozen copy of "
+                "the reference runs on the rejected half every step; cache: computed once per iteration and "
+                "kept per pair (N·d floats per pair, no reference model in memory, no reference forward: "
+                "cheaper for small models and datasets); auto: cache when the states fit 1 GiB of host "
+                "memory, else forward. The numbers are the same either way.")
     chunk_size: int | None = option(None, "Response positions per chunk of the noisy log-softmax (null: "
                                           "chunks of ~16 MiB of float32 logits; memory ~4 such blocks).")
 

@@ -25,7 +25,8 @@ weight gradient in the backward; past `noisepo.noise.NOISE_SAVE_BYTES` of kept b
 resampled every step, so the reference cannot be reduced to log-probs; with
 `cache_reference_states` its rejected-side hidden states are computed once at the start and kept
 per pair (N·d floats per pair), so no reference model is kept and no reference forward runs (only a
-frozen copy of the LM head): cheaper for small models and datasets (benchmarks/bench_npo.py).
+frozen copy of the LM head): cheaper for small models and datasets (benchmarks/bench_npo.py). The
+default, "auto", caches them when they fit 1 GiB of host memory (`CACHE_STATES_BUDGET_BYTES`).
 """
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ from noisepo.training.preference import PreferenceTrainer
 
 NOISE_HEAD_FILE = "noise_head.safetensors"
 STATES_COLUMN = "reference_rejected_states"
+# `cache_reference_states="auto"` caches when the states take at most this much host memory: the
+# cache then replaces a whole reference model and its forward every step with a lookup (small models and
+# datasets); past it (a 7B model's states cost 8-16 KiB per token) the reference runs every step.
+CACHE_STATES_BUDGET_BYTES = 1 << 30
+
+
+def reference_states_bytes(pairs, model) -> int | None:
+    """Bytes the rejected side's cached reference states of `pairs` would take (one hidden vector in
+    the model's dtype per rejected response token), or None when `pairs` are not tokenised pairs."""
+    head = model.get_output_embeddings()
+    try:
+        tokens = sum(len(pair["rejected_ids"]) for pair in pairs)
+    except (TypeError, KeyError):
+        return None
+    return tokens * head.weight.shape[1] * head.weight.element_size()
 
 
 class NPOTrainer(PreferenceTrainer):
@@ -57,16 +73,26 @@ class NPOTrainer(PreferenceTrainer):
     `sigma0` (σ at the start, 0.01), `noise_penalty` (α_σ, 1.0), `noise_lr` (the head's learning
     rate; default the policy's), `noise_chunk_size` (response positions per chunk of the noisy
     log-softmax; None: blocks of about 16 MiB, `noisepo.noise.noise_chunk_rows`).
-    `cache_reference_states` (compute the rejected side's reference hidden states once, keep them
-    per pair, drop the reference model). The reference is the initial policy (a frozen copy kept
-    here), the `ref_model` given, or PEFT's base model.
+    `cache_reference_states` (True: compute the rejected side's reference hidden states once, keep
+    them per pair, drop the reference model; False: run the reference on the rejected half every
+    step; "auto", the default: cache when no `ref_model` is given, the reference is precomputed and
+    the states fit `CACHE_STATES_BUDGET_BYTES`). The reference is the initial policy (a frozen copy
+    kept here), the `ref_model` given, or PEFT's base model.
     """
 
     def __init__(self, model, args, train_dataset, *, noise_rank: int | None = None, sigma0: float = 0.01,
                  noise_penalty: float = 1.0, noise_lr: float | None = None, noise_chunk_size: int | None = None,
-                 cache_reference_states: bool = False, **kwargs):
+                 cache_reference_states: bool | str = "auto", **kwargs):
         if kwargs.get("loss", "dpo") != "dpo":
             raise ValueError(f"NPO is defined on the DPO loss (METHODS §4.2), got loss={kwargs['loss']!r}")
+        if cache_reference_states == "auto":
+            # The cached states are the initial policy's, so a separate `ref_model` is never cached.
+            size = reference_states_bytes(train_dataset, model)
+            cache_reference_states = (kwargs.get("ref_model") is None and size is not None
+                                      and kwargs.get("reference", "precompute") == "precompute"
+                                      and not kwargs.get("padding_free") and size <= CACHE_STATES_BUDGET_BYTES)
+        elif cache_reference_states not in (True, False):
+            raise ValueError(f"cache_reference_states must be True, False or 'auto', got {cache_reference_states!r}")
         if cache_reference_states and kwargs.get("reference", "precompute") != "precompute":
             raise ValueError("cache_reference_states needs reference='precompute' (the chosen side's column)")
         if kwargs.get("padding_free"):
