@@ -30,7 +30,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     sft_summary = json.loads((output / "sft" / "DONE").read_text())
     assert sft_summary["steps"] == 3 and sft_summary["train_loss"] > 0
     assert first.count(" ran ") == 2 and "mean σ" in first and "dnpo" in first
-    assert "human 90.6%" in first  # 3 of 32 human answers are wrong (round(0.1 * 32))
+    assert "human 78.1%" in first  # 7 of 32 human answers are wrong: the habit on the hard ones, 5 % slips
+    # plain SPIN from the same SFT model, side by side with DNPO
+    spin = json.loads((output / "spin" / "summary.json").read_text())
+    assert [(it["dsl"], it["npo"]) for it in spin["iterations"]] == [(False, False), (False, False)]
+    assert spin["initial_accuracy"] == summary["initial_accuracy"]
+    assert "SPIN (all / hard)" in first and "DNPO: DSL + NPO (all / hard)" in first
 
     model_written = (output / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
     loop_model = output / "dnpo" / "iter_1" / "model" / "model.safetensors"
@@ -87,11 +92,14 @@ def test_demo_refuses_to_resume_with_other_options(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_tiny_model_learns_addition_from_imperfect_data(tmp_path):
-    """The acceptance run: the demo's SFT defaults (tiny preset, 10 % wrong human answers) reach >= 90 %
-    greedy exact match on the test split (measured 99.0 % in ~4 minutes on one shared CPU core)."""
+def test_the_tiny_model_learns_addition_and_the_habit_from_imperfect_data(tmp_path):
+    """The acceptance run: the demo's SFT (tiny preset, experiment A's habit data) learns the easy problems
+    and the human habit on the hard ones, the regime experiment A needs. 1500 steps instead of the
+    default 3000 to keep CI short: seed 0 is in that regime by then (test 78.6 %, easy 99 %, hard 9 %)."""
     from noisepo.demo import DemoConfig, run_demo
 
-    assert run_demo(DemoConfig(output=str(tmp_path / "demo"), iterations=1)) == 0
-    summary = json.loads((tmp_path / "demo" / "dnpo" / "summary.json").read_text())
-    assert summary["initial_accuracy"] >= 0.9
+    assert run_demo(DemoConfig(output=str(tmp_path / "demo"), iterations=1, max_steps=1500,
+                               compare_spin=False)) == 0
+    base = json.loads((tmp_path / "demo" / "dnpo" / "base" / "eval.json").read_text())
+    assert base["accuracy"] >= 0.7
+    assert base["accuracy_by_subset"]["easy"] >= 0.95 and base["accuracy_by_subset"]["hard"] <= 0.5

@@ -1,16 +1,23 @@
-"""`noisepo demo`: the built-in task end to end with a tiny model, on a CPU, in a few minutes.
+"""`noisepo demo`: the built-in task end to end with a tiny model, on a CPU, in about ten minutes.
 
-Stages, each writing its artifact and then a `DONE` marker (holding the stage's summary) under
-OUTPUT, so a rerun with the same `--output` skips what is complete (STYLE habit 4):
+The setting is experiment A's (issue 8, experiments/a_self_improvement.yaml): the "human" answers
+have a habit (on the hard problems, units digits summing to 13 or more, 75 % of them drop the units
+carry; 5 % slips elsewhere), so the SFT model is good on the easy problems and wrong by habit on the
+hard ones. SPIN trains the model towards the human answers, habit included; DNPO's verifier notices
+when the model's own answer is the better one and flips the pair. Stages, each writing its artifact
+and then a `DONE` marker (holding the stage's summary) under OUTPUT, so a rerun with the same
+`--output` skips what is complete (STYLE habit 4):
 
-1. data: the addition task's imperfect "human" SFT data (10 % wrong answers by default) and its
-   test split (OUTPUT/data);
-2. sft: the `tiny` preset fine-tuned on that data (OUTPUT/sft/model), stopped early once the greedy
-   accuracy on the validation split reaches `sft_stop_accuracy` (checked every `sft_check_steps`);
+1. data: the addition task's imperfect "human" SFT data and its validation and test splits (OUTPUT/data);
+2. sft: the `tiny` preset fine-tuned on that data to a plateau (OUTPUT/sft/model), stopped early
+   once the greedy accuracy on the validation split reaches `sft_stop_accuracy` (checked every
+   `sft_check_steps`; with the habit it does not: the hard problems stay wrong);
 3. dnpo: the self-improvement loop from the SFT model (OUTPUT/dnpo): iteration 0 is SPIN, then
    DNPO iterations with Dynamic Sample Labeling (the task's verifier as the scorer) and Noise
-   Preference Optimization; the greedy test accuracy is measured before and after every iteration.
-   The loop has its own resumable stages (noisepo.pipelines.dnpo).
+   Preference Optimization; the greedy test accuracy, overall and on the hard problems, is measured
+   before and after every iteration. The loop has its own resumable stages (noisepo.pipelines.dnpo).
+4. spin (`--compare-spin`, on by default): plain SPIN for as many iterations from the same SFT
+   model (OUTPUT/spin), and a table of both side by side.
 At the end the wall time is split by kind of work (data, SFT, generation, scoring, pairs, training,
 evaluation), printed and written to OUTPUT/timing.json, from the stages' markers (a skipped stage
 counts the time it took when it ran).
@@ -33,37 +40,42 @@ MARKER = "DONE"
 
 @dataclass
 class DemoConfig:
-    """The demo's options. The training defaults suit the tiny preset on this task, not real models
-    (SFTConfig's defaults are for those). Measured on 2 shared CPU cores: the test accuracy jumps from
-    ~25 % to > 95 % once the model learns carrying, after 300 to 900 steps depending on the seed;
-    1500 steps at batch 128 leave room for the late seeds (details in the foundation issue's report)."""
+    """The demo's options: experiment A's setting (experiments/a_self_improvement.yaml, with its learning
+    rate searched on validation). The training defaults suit the tiny preset on this task, not real
+    models (SFTConfig's defaults are for those)."""
 
     output: str = option("runs/demo", "Output folder; rerunning with the same folder resumes.")
     model: str = option("tiny", "Preset (micro, tiny, small) or model folder to fine-tune.")
     n_train: int = option(8000, "SFT records of imperfect human data (the train split has 8009 problems).")
-    n_test: int = option(500, "Test prompts of the greedy evaluation.")
-    error_rate: float = option(0.1, "Fraction of human SFT answers that are wrong.")
-    error_kind: Literal["random", "systematic", "mixed"] = option(
-        "mixed", "random: one digit slipped; systematic: one carry dropped; mixed: either.")
-    max_steps: int = option(1500, "SFT optimizer steps (at most: see sft_stop_accuracy).")
+    n_test: int = option(1000, "Test prompts of the greedy evaluation.")
+    error_rate: float = option(0.05, "Fraction of human SFT answers that are wrong (with habit: outside the "
+                                     "hard problems).")
+    error_kind: Literal["habit", "random", "systematic", "mixed"] = option(
+        "habit", "habit: 75 % of the hard problems' answers drop the units carry, error_rate slips elsewhere; "
+                 "random: one digit slipped; systematic: one carry dropped; mixed: either.")
+    max_steps: int = option(3000, "SFT optimizer steps (at most: see sft_stop_accuracy). 3000 reach the "
+                                  "plateau on every seed tried; 1500 do not on seeds 1 and 2.")
     sft_check_steps: int = option(100, "Every this many SFT steps, the greedy accuracy on the validation split "
                                        "is measured (0: never).")
     sft_stop_accuracy: float = option(1.0, "SFT stops once the validation accuracy reaches this (above 1: never). "
-                                            "Much of the 1500 steps is room for the seeds that learn carrying "
-                                            "late; seed 0 reaches 100 % at step 1000.")
+                                            "With error_kind habit the hard problems stay wrong, so it does "
+                                            "not stop; with random slips seed 0 reaches 100 % at step 1000.")
     batch_size: int = option(128, "SFT batch size (128 learned carrying sooner and more reliably than 32).")
     learning_rate: float = option(3e-3, "SFT peak learning rate (high: the model is tiny).")
     warmup_ratio: float = option(0.05, "SFT warm-up fraction (with 3 % warm-up, lr 3e-3 stalled).")
     weight_decay: float = option(0.1, "SFT AdamW weight decay.")
     seed: int = option(0, "Seed of the data, the model's initialisation and the data order.")
     iterations: int = option(4, "Self-improvement iterations: 0 is SPIN, 1.. are DNPO (0: stop after SFT).")
-    dnpo_prompts: int = option(2000, "SFT prompts the model answers (and is trained against) per iteration.")
-    dnpo_learning_rate: float = option(1e-5, "Learning rate of each iteration's preference training.")
+    dnpo_prompts: int = option(4000, "SFT prompts the model answers (and is trained against) per iteration.")
+    dnpo_learning_rate: float = option(3e-5, "Learning rate of each iteration's preference training "
+                                             "(experiment A's validation search: every arm chose 3e-5).")
     dnpo_epochs: float = option(2.0, "Epochs over each iteration's pairs.")
     dnpo_batch_size: int = option(16, "Batch size of each iteration's preference training.")
     beta: float = option(0.1, "β of the SPIN/DNPO loss.")
     dsl: bool = option(True, "Dynamic Sample Labeling from iteration 1 (the verifier relabels the pairs).")
     npo: bool = option(True, "Noise Preference Optimization from iteration 1.")
+    compare_spin: bool = option(True, "Also run plain SPIN for as many iterations from the same SFT model "
+                                      "(OUTPUT/spin) and print both side by side.")
 
     def __post_init__(self):
         if self.iterations < 0:
@@ -83,7 +95,7 @@ def stage_data(config: DemoConfig, folder: Path) -> dict:
     from noisepo.tasks.config import MakeDataConfig
 
     summary = make_data(MakeDataConfig(
-        output=str(folder), task="addition", n_train=config.n_train, n_val=min(200, config.n_test),
+        output=str(folder), task="addition", n_train=config.n_train, n_val=min(900, config.n_test),
         n_test=config.n_test, error_rate=config.error_rate, error_kind=config.error_kind, seed=config.seed))
     return {"records": summary["counts"]["sft"], "human_accuracy": summary["human_accuracy"]}
 
@@ -143,8 +155,9 @@ def stop_when_learned(val_path: Path, *, every: int, accuracy: float, checks: li
     return StopWhenLearned()
 
 
-def dnpo_config(config: DemoConfig, data: Path, model_folder: str, folder: Path):
-    """The DNPO loop's options for the demo: the verifier judges (DSL), answers are a few tokens."""
+def dnpo_config(config: DemoConfig, data: Path, model_folder: str, folder: Path, *, spin: bool = False):
+    """The DNPO loop's options for the demo: the verifier judges (DSL), answers are a few tokens;
+    `spin`: the same loop with DSL and NPO off (plain SPIN)."""
     from noisepo.pipelines.dnpo_config import DNPOConfig, DSLOptions, GenerationOptions, NPOOptions
     from noisepo.training.config import OptimOptions
 
@@ -152,8 +165,8 @@ def dnpo_config(config: DemoConfig, data: Path, model_folder: str, folder: Path)
         model=model_folder, data=str(data / "sft.jsonl"), output=str(folder), iterations=config.iterations,
         beta=config.beta, seed=config.seed, limit=config.dnpo_prompts, task="addition",
         eval_data=str(data / "test.jsonl"), eval_limit=config.n_test, eval_max_new_tokens=8,
-        dsl=DSLOptions(enabled=config.dsl, scorer="verifier", verifier="addition"),
-        npo=NPOOptions(enabled=config.npo),
+        dsl=DSLOptions(enabled=config.dsl and not spin, scorer="verifier", verifier="addition"),
+        npo=NPOOptions(enabled=config.npo and not spin),
         generation=GenerationOptions(max_new_tokens=8, batch_size=256),
         training=OptimOptions(max_length=32, learning_rate=config.dnpo_learning_rate, epochs=config.dnpo_epochs,
                               batch_size=config.dnpo_batch_size, warmup_ratio=0.1, seed=config.seed,
@@ -200,15 +213,15 @@ LOOP_STAGES = {"generate": "generation", "score": "scoring", "pairs": "pairs", "
 
 
 def stage_seconds(output: Path, rows: dict[str, tuple[dict, bool]]) -> dict[str, float]:
-    """Seconds per kind of work, from the demo's DONE markers and the loop's stage markers
-    (OUTPUT/dnpo/<base|iter_k>/.<stage>.done); SFT's validation checks count as evaluation."""
+    """Seconds per kind of work, from the demo's DONE markers and the loops' stage markers
+    (OUTPUT/{dnpo,spin}/<base|iter_k>/.<stage>.done); SFT's validation checks count as evaluation."""
     seconds = {"data": rows["data"][0].get("seconds", 0.0)}
     sft = rows.get("sft", ({}, False))[0]
     checks = sft.get("check_seconds", 0.0)
     seconds["sft"] = round(sft.get("seconds", 0.0) - checks, 2)
     seconds.update({name: 0.0 for name in LOOP_STAGES.values()})
     seconds["evaluation"] = checks
-    for marker in sorted((output / "dnpo").glob("*/.*.done")):
+    for marker in sorted([*(output / "dnpo").glob("*/.*.done"), *(output / "spin").glob("*/.*.done")]):
         name = LOOP_STAGES.get(marker.name[1:-len(".done")])
         if name:
             seconds[name] += json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0)
@@ -260,9 +273,12 @@ def _run_demo(config: DemoConfig) -> int:
     data, sft, loop = output / "data", output / "sft", output / "dnpo"
     rows: dict[str, tuple[dict, bool]] = {}
 
-    print(f"[1/3] data: addition problems, {config.error_rate:.0%} wrong human answers -> {data}")
+    compare = config.compare_spin and (config.dsl or config.npo) and config.iterations > 0
+    stages = 4 if compare else 3
+    habit = " (the habit: 75 % of the hard problems' answers drop the units carry)" if config.error_kind == "habit" else ""
+    print(f"[1/{stages}] data: addition problems, {config.error_rate:.0%} wrong human answers{habit} -> {data}")
     rows["data"] = run_stage(data, lambda: stage_data(config, data))
-    print(f"[2/3] sft: {config.model} model, {config.max_steps} steps -> {sft}")
+    print(f"[2/{stages}] sft: {config.model} model, {config.max_steps} steps -> {sft}")
     rows["sft"] = run_stage(sft, lambda: stage_sft(config, data, sft))
     print()
     print(summary_table(rows))
@@ -273,7 +289,7 @@ def _run_demo(config: DemoConfig) -> int:
     from noisepo.pipelines.dnpo import summary_table as dnpo_table
 
     methods = " + ".join(name for name, on in (("DSL", config.dsl), ("NPO", config.npo)) if on) or "SPIN only"
-    print(f"\n[3/3] dnpo: iteration 0 = SPIN, 1..{config.iterations - 1} = {methods}; "
+    print(f"\n[3/{stages}] dnpo: iteration 0 = SPIN, 1..{config.iterations - 1} = {methods}; "
           f"{config.dnpo_prompts} prompts per iteration -> {loop}")
     summary = dnpo(dnpo_config(config, data, rows["sft"][0]["model"], loop))
     print()
@@ -281,5 +297,40 @@ def _run_demo(config: DemoConfig) -> int:
     print(f"\naccuracy: greedy exact match on {config.n_test} held-out test problems; pairs: trainable pairs "
           "(identical texts left out); flipped: pairs the verifier relabelled (model answer better than the "
           "human one); mean σ: the NPO noise head's mean scale.")
+    if compare:
+        spin_folder = output / "spin"
+        print(f"\n[4/{stages}] spin: plain SPIN for {config.iterations} iterations from the same SFT model, "
+              f"for comparison -> {spin_folder}")
+        spin_summary = dnpo(dnpo_config(config, data, rows["sft"][0]["model"], spin_folder, spin=True))
+        print()
+        print(comparison_table(spin_folder, loop, methods))
+        print("hard: the problems whose human answers carry the habit (units digits summing to 13 or more). "
+              "SPIN's chosen answer is always the human one, so it trains the habit back in; DSL flips the "
+              "pairs where the model's own answer is right.")
+        print(f"SPIN's final model: {spin_summary['model']}.")
     print(f"Final model: {summary['model']}. Rerun with --output {output} to reuse the finished stages.")
     return 0
+
+
+def comparison_table(spin: Path, dnpo_folder: Path, methods: str) -> str:
+    """Test accuracy (overall / hard problems) after SFT and after every iteration, SPIN beside DNPO,
+    from the loops' own evaluation files (<loop>/base/eval.json, <loop>/iter_k/eval.json)."""
+    def accuracies(folder: Path) -> list[tuple[str, dict]]:
+        rows = []
+        for k in range(-1, 1000):
+            path = folder / ("base" if k < 0 else f"iter_{k}") / "eval.json"
+            if k >= 0 and not path.exists():
+                break
+            rows.append(("sft" if k < 0 else str(k), json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}))
+        return rows
+
+    def cell(metrics: dict) -> str:
+        overall, hard = metrics.get("accuracy"), (metrics.get("accuracy_by_subset") or {}).get("hard")
+        return f"{_cell(overall, '{:.1%}')} / {_cell(hard, '{:.1%}')}"
+
+    left, right = accuracies(spin), accuracies(dnpo_folder)
+    header = f"{'iter':<5} {'SPIN (all / hard)':>20} {('DNPO: ' + methods + ' (all / hard)'):>30}"
+    lines = [header, "-" * len(header)]
+    for (label, a), (_, b) in zip(left, right):
+        lines.append(f"{label:<5} {cell(a):>20} {cell(b):>30}")
+    return "\n".join(lines)
