@@ -56,3 +56,14 @@ def test_a_nested_section_given_in_part_keeps_the_parents_defaults():
     enabled = run_cli(SPINConfig, ["--model", "m", "--data", "d", "--output", "o", "--dsl.enabled",
                                    "--dsl.scorer", "verifier", "--dsl.verifier", "addition"])
     assert enabled.dsl.enabled
+
+
+def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-5` as the string "1e-5"; users write it that way, as in Python
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: d.jsonl\noutput: out\nbeta: 2e-1\nlearning_rate: 1e-5\n")
+    config = run_cli(TrainConfig, ["--config", str(cfg)])
+    assert config.beta == 0.2 and config.learning_rate == 1e-5
+    with pytest.raises(ConfigError) as info:  # other strings stay an error naming the key
+        from_dict(TrainConfig, {"data": "d", "output": "o", "beta": "0.2"})
+    assert info.value.key == "beta"

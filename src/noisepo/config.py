@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from noisepo.errors import ConfigError
+
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-5, 3.0E+2, .5e-3
 
 _MISSING = dataclasses.MISSING
 
@@ -97,7 +100,8 @@ def coerce(value: Any, tp, key: str, *, from_string: bool = False) -> Any:
                 raise TypeError
             if isinstance(value, (int, float)):
                 return float(value)
-            if from_string:
+            # PyYAML (YAML 1.1) reads `1e-5`, with no dot, as a string: take it as the number meant.
+            if from_string or (isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip())):
                 return float(value)
             raise TypeError
         if base is str:
