@@ -281,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     elif folders and not args.dry_run:
         practical = {f for group in runner.practical.values() for f in group}
         runner.noisepo("report", "--runs", ",".join(str(f) for f in folders if f not in practical),
-                       "--output", str(runner.experiment_root / "report"), "--title", f"{spec['title']} ({spec['task']})")
+                       "--output", str(runner.experiment_root / "report"), "--title", f"{spec['title']} ({spec['task']})",
+                       "--histograms", "first-seed")
         for name, group in runner.practical.items():
             runner.noisepo("report", "--runs", ",".join(map(str, group)),
                            "--output", str(runner.experiment_root / f"report-{name}"),
-                           "--title", f"{spec['title']}: rule-based noise {name} ({spec['task']})")
+                           "--title", f"{spec['title']}: rule-based noise {name} ({spec['task']})",
+                           "--histograms", "first-seed")
     print(f"done in {time.time() - start:.0f} s: {runner.experiment_root}")
     return 0
 

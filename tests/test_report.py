@@ -82,6 +82,23 @@ def test_report_lists_every_seed_with_mean_std_and_valid_plots(runs, tmp_path, c
         assert f"]({png})" in text
         assert (report_dir / png).read_bytes()[:8] == PNG_MAGIC
     assert not (report_dir / "accuracy_vs_flip_rate.png").exists()  # one flip rate only
+    # the numbers behind the tables, per run and step, in plain JSON
+    results = {r["run"]: r for r in json.loads((report_dir / "results.json").read_text())}
+    assert set(results) == {"dnpo-s0", "dnpo-s1", "dnpo-s2", "ropo"}
+    summary = json.loads((runs["dnpo-s0"] / "summary.json").read_text())
+    assert [s["accuracy"] for s in results["dnpo-s0"]["steps"]] == [i["accuracy"] for i in summary["iterations"]]
+    assert results["ropo"]["noise_rate"] == pytest.approx(0.25) and not results["dnpo-s2"]["complete"]
+    assert "filter_precision" in results["ropo"]["steps"][0]
+
+
+def test_histograms_first_seed_or_none(runs, tmp_path):
+    other = tmp_path / "ropo-s1"
+    shutil.copytree(runs["ropo"], other)
+    for choice, expected in [("first-seed", {"ropo_histograms_ropo.png"}), ("none", set())]:
+        report_dir = tmp_path / choice
+        assert main(["report", "--runs", f"{runs['ropo']},{other}", "--output", str(report_dir),
+                     "--histograms", choice]) == 0
+        assert {p.name for p in report_dir.glob("ropo_histograms_*.png")} == expected
 
 
 def test_accuracy_against_flip_rate_when_rates_differ(runs, tmp_path):

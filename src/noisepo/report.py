@@ -28,6 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from noisepo.config import check, option
 from noisepo.errors import ConfigError, InputError
@@ -42,6 +43,9 @@ class ReportConfig:
                                                         "(`--runs 'runs/dnpo-*,runs/ropo-s0'`).")
     output: str = option("", "Folder for report.md and its PNG plots (created).")
     title: str = option("noisepo report", "Title of the report.")
+    histograms: Literal["all", "first-seed", "none"] = option(
+        "all", "ROPO loss histograms to draw: one PNG per run (all), per method and flip rate for the first "
+               "run listed only (first-seed: a sweep of many seeds stays readable), or none.")
 
     def __post_init__(self):
         check(bool(self.runs), "runs", "give at least one run folder (--runs A,B,...)")
@@ -433,9 +437,22 @@ def _group_section(group, runs: list[Run]) -> list[str]:
     return lines
 
 
-def write_report(runs: list[Run], output: Path, title: str = "noisepo report") -> Path:
+def results_record(run: Run) -> dict:
+    """One run's numbers for results.json: what the tables are made of, per step, in plain JSON."""
+    keys = ("accuracy", "filter_precision", "filter_recall", "auroc_flipped", "flipped", "trainable_pairs",
+            "kept", "discarded", "refills", "sigma_mean")
+    return {"run": run.name, "loop": run.kind, "method": run.method, "noise_rate": run.noise_rate,
+            "seeds": run.seeds, "complete": run.complete,
+            "initial_accuracy": (run.summary or {}).get("initial_accuracy"),
+            "initial": run.initial,
+            "steps": [{k: v for k, v in step.items() if k in keys or k.startswith("accuracy_")} for step in run.steps]}
+
+
+def write_report(runs: list[Run], output: Path, title: str = "noisepo report", histograms: str = "all") -> Path:
     output.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
+    with atomic_open(output / "results.json", "w") as handle:
+        json.dump([results_record(run) for run in runs], handle, indent=1)
     lines = [f"# {title}", "", "## Runs", ""]
     rows = [["run", "loop", "method", "flip rate", "seeds", "status", "iterations/rounds with metrics"]]
     for run in runs:
@@ -472,7 +489,9 @@ def write_report(runs: list[Run], output: Path, title: str = "noisepo report") -
         plots.append(("ROPO filter precision and recall per round", plot_lines(
             ropo_groups, [("filter_precision", "precision"), ("filter_recall", "recall")],
             output / "ropo_filter.png", xlabel="round", title="noise filter")))
-        for run in (r for m in ropo_groups.values() for r in m):
+        drawn_runs = [] if histograms == "none" else [r for m in ropo_groups.values()
+                                                      for r in (m[:1] if histograms == "first-seed" else m)]
+        for run in drawn_runs:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
             plots.append((f"ℓ_ropo histograms: {run.name}", plot_histograms(run, output / f"ropo_histograms_{slug}.png")))
         ropo_runs = [r for m in ropo_groups.values() for r in m if r.complete and r.noise_rate is not None]
@@ -493,7 +512,7 @@ def write_report(runs: list[Run], output: Path, title: str = "noisepo report") -
 def run_report(config: ReportConfig) -> int:
     _figure_tools()  # a missing extra fails before anything is read
     runs = [load_run(path) for path in expand_runs(config.runs)]
-    report = write_report(runs, Path(config.output), config.title)
+    report = write_report(runs, Path(config.output), config.title, config.histograms)
     incomplete = sum(not r.complete for r in runs)
     print(f"report: {report} ({len(runs)} runs, {incomplete} incomplete)")
     return 0
