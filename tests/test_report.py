@@ -91,6 +91,16 @@ def test_report_lists_every_seed_with_mean_std_and_valid_plots(runs, tmp_path, c
     assert "filter_precision" in results["ropo"]["steps"][0]
 
 
+def test_run_folders_as_positional_arguments(runs, tmp_path, capsys):
+    # the form: noisepo report RUN_DIR... --output DIR (globs and --runs add up)
+    root = runs["ropo"].parent
+    assert main(["report", str(runs["dnpo-s0"]), f"{root}/dnpo-s1", "--runs", str(runs["ropo"]),
+                 "--output", str(tmp_path / "r")]) == 0
+    assert "(3 runs, 0 incomplete)" in capsys.readouterr().out
+    assert main(["report", "--output", str(tmp_path / "none")]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
+
+
 def test_histograms_first_seed_or_none(runs, tmp_path):
     other = tmp_path / "ropo-s1"
     shutil.copytree(runs["ropo"], other)

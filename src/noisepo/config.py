@@ -246,8 +246,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, with_config_fi
         if typing.get_origin(base) is typing.Literal:
             choices = list(typing.get_args(base))
         if meta.get("positional"):
+            many = typing.get_origin(base) is list  # RUN_DIR ...: any number of them
             parser.add_argument(name, metavar=meta.get("metavar") or name.upper(), help=help_text,
-                                nargs=None if default is _MISSING else "?", default=argparse.SUPPRESS)
+                                nargs="*" if many else None if default is _MISSING else "?",
+                                default=argparse.SUPPRESS)
             continue
         flag = "--" + name.replace("_", "-")
         if base is bool:

@@ -39,6 +39,9 @@ from noisepo.io import atomic_open
 class ReportConfig:
     """Markdown report (tables + PNG plots) from finished `dnpo` / `spin` / `ropo` run folders."""
 
+    run_dirs: list[str] = option(default_factory=list, positional=True, metavar="RUN_DIR",
+                                 help="Run folders (`noisepo report runs/dnpo-s* --output report`); each may be "
+                                      "a glob. Added to --runs.")
     runs: list[str] = option(default_factory=list, help="Run folders, comma-separated; each may be a glob "
                                                         "(`--runs 'runs/dnpo-*,runs/ropo-s0'`).")
     output: str = option("", "Folder for report.md and its PNG plots (created).")
@@ -48,7 +51,9 @@ class ReportConfig:
                "run listed only (first-seed: a sweep of many seeds stays readable), or none.")
 
     def __post_init__(self):
-        check(bool(self.runs), "runs", "give at least one run folder (--runs A,B,...)")
+        self.runs = [*self.run_dirs, *self.runs]
+        self.run_dirs = []
+        check(bool(self.runs), "runs", "give at least one run folder (RUN_DIR ... or --runs A,B,...)")
         check(bool(self.output), "output", "is required (the folder for report.md)")
 
 
