@@ -158,8 +158,10 @@ def test_runs_with_other_hyperparameters_are_not_averaged_as_seeds(tmp_path):
     from noisepo.report import Run, _label, group_runs
 
     def run(name, lr, seed):
+        # each seed has its own data, SFT model and evaluation split (experiments/run.py): still seeds
         config = {"output": f"runs/{name}", "seed": seed, "dsl": {"enabled": True}, "npo": {"enabled": True},
-                  "training": {"learning_rate": lr, "seed": seed}}
+                  "training": {"learning_rate": lr, "seed": seed}, "data": f"data-s{seed}/sft.jsonl",
+                  "eval_data": f"data-s{seed}/test.jsonl", "model": f"sft-s{seed}/model"}
         return Run(tmp_path / name, "dnpo", "dnpo", {"training": seed}, None, {}, config=config)
 
     groups = group_runs([run("a", 1e-5, 0), run("b", 1e-5, 1), run("c", 3e-5, 0)])

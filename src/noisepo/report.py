@@ -299,7 +299,7 @@ def _label(group: tuple) -> str:
 
 # Options that may differ between the seeds of one group: everything else must match, so runs with
 # other hyperparameters are never averaged together as if they were seeds.
-SEED_LIKE = {"output", "seed", "training.seed", "progress", "data", "model"}
+SEED_LIKE = {"output", "seed", "training.seed", "progress", "data", "eval_data", "model"}  # data: per-seed splits
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
