@@ -18,8 +18,8 @@ The task comes from the YAML or `--task` (a built-in name or an import path `pkg
 plug-in path a user would use; nothing here knows a task). `--quick` applies the YAML's `quick:`
 overrides (fewer seeds, prompts and steps) for a run of minutes; `per_task:` holds each task's own
 hyperparameters (learning rates chosen on its validation split, experiments/LOG.md). Every command and its wall time is
-appended to RUNS/<task>/<experiment>/commands.log. `--jobs N` runs N arms at once (one CPU thread each;
-an arm's output then goes to RUNS/<task>/<experiment>/logs/<run>.log).
+appended to RUNS/<task>/<experiment>/commands.log. `--jobs N` runs N arms at once (default: one per CPU
+core, one thread each; with N > 1 an arm's output goes to RUNS/<task>/<experiment>/logs/<run>.log).
 
 `--search-lr` is the learning-rate search (issue 8: the same grid for every method): every arm at every
 rate of the grid, evaluated on the *validation* split (never the test split), for experiment B at the one
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=str(HERE / "runs"), help="where run folders go (default: experiments/runs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--prepare-only", action="store_true", help="make the data and SFT models only")
-    parser.add_argument("--jobs", type=int, default=1, help="arm runs at once, one CPU thread each (default 1)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="arm runs at once, one CPU thread each (default: one per CPU core)")
     parser.add_argument("--search-lr", help="comma-separated learning rates: run the search on validation instead")
     parser.add_argument("--search-eta", type=float, default=0.2,
                         help="experiment B's flip rate for the search (default 0.2, as in LOG.md)")
