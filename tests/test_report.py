@@ -182,3 +182,18 @@ def test_accuracy_per_subset_of_the_task_is_reported(runs, tmp_path):
     text = (tmp_path / "r" / "report.md").read_text()
     name = sorted(subsets)[0][len("accuracy_"):]
     assert f"accuracy on the {name} problems" in text and f"final accuracy {name}" in text
+
+
+def test_seeds_of_one_noise_setting_are_one_group_whatever_share_each_realises(tmp_path):
+    from noisepo.report import Run, _label, group_runs
+
+    def run(name, realised, seed):
+        config = {"output": name, "seed": seed, "loss": "dpo", "rho": 0.2, "training": {"seed": seed}}
+        return Run(tmp_path / name, "ropo", "ropo[dpo, no-filter]", {"training": seed}, realised, {}, config=config)
+
+    groups = group_runs([run("dpo-noise0.1-s0", 0.107, 0), run("dpo-noise0.1-s1", 0.1, 1),
+                         run("dpo-noise0.2-s0", 0.195, 0), run("dpo-flagged0.4-s0", 0.089, 0),
+                         run("dpo-flagged0.4-s1", 0.077, 1)])
+    sizes = {_label(key): len(members) for key, members in groups.items()}
+    assert sizes == {"ropo[dpo, no-filter] @ 10% flipped": 2, "ropo[dpo, no-filter] @ 20% flipped": 1,
+                     "ropo[dpo, no-filter] @ 8.3% flipped": 2}  # the rule's mean realised share

@@ -312,14 +312,41 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+_SEED_SUFFIX = re.compile(r"-s\d+$")
+
+
+def _rate_key(run: Run):
+    """What makes runs the same noise setting: the rate in the folder name (`dpo-noise0.1-s2`: the nominal
+    η; each seed's draw realises its own share of flips), else the folder name without its seed suffix
+    (`dpo-flagged0.4-s2`: a rule-based setting), else the realised share itself."""
+    if run.noise_rate is None:
+        return None
+    named = _RATE_IN_NAME.search(run.path.name)
+    if named:
+        return ("nominal", float(named.group(1)))
+    stem = _SEED_SUFFIX.sub("", run.path.name)
+    return ("setting", stem) if stem != run.path.name else ("realised", run.noise_rate)
+
+
+def _group_rate(key, members: list[Run]) -> float | None:
+    """A group's flip rate: the nominal η when the folders name one, else the mean realised share."""
+    if key is None:
+        return None
+    if key[0] == "nominal":
+        return key[1]
+    return sum(r.noise_rate for r in members) / len(members)
+
+
 def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
     """(method, flip rate, variant) -> runs. Runs of one method whose configs differ beyond SEED_LIKE
-    options are separate groups, labelled by the options that differ (`training.learning_rate=3e-05`)."""
+    options are separate groups, labelled by the options that differ (`training.learning_rate=3e-05`).
+    Seeds of one noise setting are one group even though each realises its own share of flips."""
     by_method: dict[tuple, list[Run]] = {}
     for run in runs:
-        by_method.setdefault((run.method, run.noise_rate), []).append(run)
+        by_method.setdefault((run.method, _rate_key(run)), []).append(run)
     groups: dict[tuple, list[Run]] = {}
-    for (method, rate), members in by_method.items():
+    for (method, key), members in by_method.items():
+        rate = _group_rate(key, members)
         flats = [{k: v for k, v in _flat(r.config).items() if k not in SEED_LIKE} for r in members]
         differing = sorted({k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1})
         for run, flat in zip(members, flats):
@@ -377,20 +404,21 @@ def plot_histograms(run: Run, path: Path) -> str | None:
     return _save(figure, path)
 
 
-def plot_accuracy_vs_rate(runs: list[Run], path: Path) -> str | None:
-    """Final accuracy (mean ± std over seeds) against the flip rate, one line per ROPO method."""
+def plot_accuracy_vs_rate(groups: dict[tuple, list[Run]], path: Path) -> str | None:
+    """Final accuracy (mean ± std over seeds) against the flip rate, one line per method (and variant)."""
     Figure, Canvas = _figure_tools()
     figure, axes = _new_axes(Figure, Canvas)
     ax = axes[0]
-    for method in sorted({r.method for r in runs}):
+    for method, variant in dict.fromkeys((g[0], g[2]) for g in groups):
         points = []
-        for rate in sorted({r.noise_rate for r in runs if r.method == method}):
-            stats = mean_std([_final(r, "accuracy") for r in runs if r.method == method and r.noise_rate == rate])
+        for rate in sorted(g[1] for g in groups if (g[0], g[2]) == (method, variant)):
+            members = groups[(method, rate, variant)]
+            stats = mean_std([_final(r, "accuracy") for r in members if r.complete])
             if stats is not None:
                 points.append((rate, stats[0], stats[1] or 0.0))
         if points:
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        marker="o", capsize=3, label=method)
+                        marker="o", capsize=3, label=_label((method, None, variant)))
     if not ax.get_legend_handles_labels()[0]:
         return None
     ax.set_xlabel("flip rate")
@@ -468,13 +496,15 @@ def write_report(runs: list[Run], output: Path, title: str = "noisepo report", h
     lines += ["## Final numbers", "", "The last iteration's / round's value; mean ± std over the finished "
               "seeds, then every seed.", ""]
     subsets = sorted({k for r in runs for s in r.steps for k in s if k.startswith("accuracy_")})
-    rows = [["method", "flip rate", "seeds", "final accuracy"] + [f"final {k.replace('_', ' ')}" for k in subsets]
-            + ["per seed"]]
+    rows = [["method", "flip rate", "realised", "seeds", "final accuracy"]
+            + [f"final {k.replace('_', ' ')}" for k in subsets] + ["per seed"]]
     for group, members in groups.items():
         finished = [r for r in members if r.complete]
         per_seed = "; ".join(f"{r.seed_label}: {fmt(_final(r, 'accuracy'))}" if r.complete
                              else f"{r.seed_label}: incomplete" for r in members)
-        rows.append([_label((group[0], None, group[2])), _rate(group[1]), str(len(members)),
+        realised = [r.noise_rate for r in members if r.noise_rate is not None]
+        rows.append([_label((group[0], None, group[2])), _rate(group[1]),
+                     _rate(sum(realised) / len(realised)) if realised else "-", str(len(members)),
                      fmt_mean_std([_final(r, "accuracy") for r in finished])]
                     + [fmt_mean_std([_final(r, k) for r in finished]) for k in subsets] + [per_seed])
     lines += [_table(rows), ""]
@@ -499,10 +529,10 @@ def write_report(runs: list[Run], output: Path, title: str = "noisepo report", h
         for run in drawn_runs:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
             plots.append((f"ℓ_ropo histograms: {run.name}", plot_histograms(run, output / f"ropo_histograms_{slug}.png")))
-        ropo_runs = [r for m in ropo_groups.values() for r in m if r.complete and r.noise_rate is not None]
-        if len({r.noise_rate for r in ropo_runs}) >= 2:
+        rated = {g: m for g, m in ropo_groups.items() if g[1] is not None}
+        if len({g[1] for g in rated}) >= 2:
             plots.append(("Final accuracy against flip rate", plot_accuracy_vs_rate(
-                ropo_runs, output / "accuracy_vs_flip_rate.png")))
+                rated, output / "accuracy_vs_flip_rate.png")))
     drawn = [(caption, name) for caption, name in plots if name]
     if drawn:
         lines += ["## Plots", ""]
