@@ -197,3 +197,16 @@ def test_seeds_of_one_noise_setting_are_one_group_whatever_share_each_realises(t
     sizes = {_label(key): len(members) for key, members in groups.items()}
     assert sizes == {"ropo[dpo, no-filter] @ 10% flipped": 2, "ropo[dpo, no-filter] @ 20% flipped": 1,
                      "ropo[dpo, no-filter] @ 8.3% flipped": 2}  # the rule's mean realised share
+
+
+def test_variants_of_a_rule_based_setting_stay_apart(tmp_path):
+    from noisepo.report import Run, _label, group_runs
+
+    def run(name, refill, seed):
+        config = {"output": name, "seed": seed, "loss": "ropo", "rho": 0.2, "refill": refill}
+        return Run(tmp_path / name, "ropo", "ropo[ropo, filter]", {"training": seed}, 0.08, {}, config=config)
+
+    groups = group_runs([run("ropo-flagged0.4-s0", True, 0), run("ropo-flagged0.4-s1", True, 1),
+                         run("ropo-norefill-flagged0.4-s0", False, 0)])
+    assert {_label(key): len(members) for key, members in groups.items()} == {
+        "ropo[ropo, filter] (refill=True) @ 8% flipped": 2, "ropo[ropo, filter] (refill=False) @ 8% flipped": 1}

@@ -341,17 +341,20 @@ def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
     """(method, flip rate, variant) -> runs. Runs of one method whose configs differ beyond SEED_LIKE
     options are separate groups, labelled by the options that differ (`training.learning_rate=3e-05`).
     Seeds of one noise setting are one group even though each realises its own share of flips."""
-    by_method: dict[tuple, list[Run]] = {}
+    by_method: dict[str, list[Run]] = {}
     for run in runs:
-        by_method.setdefault((run.method, _rate_key(run)), []).append(run)
+        by_method.setdefault(run.method, []).append(run)
     groups: dict[tuple, list[Run]] = {}
-    for (method, key), members in by_method.items():
-        rate = _group_rate(key, members)
+    for method, members in by_method.items():
+        # the variant: the options that differ among all this method's runs (beyond seeds and the noise)
         flats = [{k: v for k, v in _flat(r.config).items() if k not in SEED_LIKE} for r in members]
         differing = sorted({k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1})
+        by_setting: dict[tuple, list[Run]] = {}
         for run, flat in zip(members, flats):
             variant = ", ".join(f"{k}={flat.get(k)}" for k in differing)
-            groups.setdefault((method, rate, variant), []).append(run)
+            by_setting.setdefault((_rate_key(run), variant), []).append(run)
+        for (key, variant), runs_of_setting in by_setting.items():
+            groups.setdefault((method, _group_rate(key, runs_of_setting), variant), []).extend(runs_of_setting)
     return groups
 
 
