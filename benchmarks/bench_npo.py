@@ -101,8 +101,8 @@ def make_trainer(kind: str, model_dir: str, pairs: list[dict], output: str, step
 
 
 # NPO variants: the default (full-rank head, reference states "auto": cached when they fit 1 GiB, as here),
-# the reference forward every step, the states cached explicitly, and low-rank heads.
-VARIANTS = {"npo": {}, "npo_forward": {"cache_reference_states": False}, "npo_cached": {"cache_reference_states": True},
+# the reference forward every step, and low-rank heads.
+VARIANTS = {"npo": {}, "npo_forward": {"cache_reference_states": False},
             "npo_cached_rank64": {"cache_reference_states": True, "noise_rank": 64},
             "npo_rank64": {"noise_rank": 64}}
 

@@ -226,10 +226,8 @@ class Runner:
         cells: dict[tuple[str, str], list[str]] = {}
         for folder in folders:
             summary = json.loads((folder / "summary.json").read_text())
-            final = summary.get("final_accuracy")
-            if final is None:  # ropo's summary lists its rounds
-                rounds = summary.get("rounds") or summary.get("iterations") or []
-                final = rounds[-1].get("accuracy") if rounds else None
+            steps = summary.get("rounds") or summary.get("iterations") or []  # ropo / dnpo, spin
+            final = steps[-1].get("accuracy") if steps else None
             stem = folder.name.rsplit("-s", 1)[0]
             arm, _, rate = stem.rpartition("-lr")
             cells.setdefault((arm, rate), []).append("-" if final is None else f"{100 * final:.1f}")

@@ -316,13 +316,9 @@ def comparison_table(spin: Path, dnpo_folder: Path, methods: str) -> str:
     """Test accuracy (overall / hard problems) after SFT and after every iteration, SPIN beside DNPO,
     from the loops' own evaluation files (<loop>/base/eval.json, <loop>/iter_k/eval.json)."""
     def accuracies(folder: Path) -> list[tuple[str, dict]]:
-        rows = []
-        for k in range(-1, 1000):
-            path = folder / ("base" if k < 0 else f"iter_{k}") / "eval.json"
-            if k >= 0 and not path.exists():
-                break
-            rows.append(("sft" if k < 0 else str(k), json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}))
-        return rows
+        evaluated = sorted((int(p.parent.name[len("iter_"):]), p) for p in folder.glob("iter_*/eval.json"))
+        paths = [("sft", folder / "base" / "eval.json")] + [(str(k), p) for k, p in evaluated]
+        return [(label, json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}) for label, p in paths]
 
     def cell(metrics: dict) -> str:
         overall, hard = metrics.get("accuracy"), (metrics.get("accuracy_by_subset") or {}).get("hard")
