@@ -127,3 +127,36 @@ def test_jobs_run_every_queued_arm_once(tmp_path):
     assert sorted(args for args, _ in calls) == sorted(("ropo", "--config", f"c{i}.yaml") for i in range(5))
     assert {output.name for _, output in calls} == {f"arm{i}.log" for i in range(5)}
     assert runner.pending == []
+
+
+def test_filter_diagnostics_auroc_by_subset(tmp_path, capsys):
+    """The filter table: the iteration's pairs plus the history's, in filter order; AUROC 1 when every
+    wrongly labelled pair's ℓ_ropo is above every right one's, 0 when below."""
+    spec = importlib.util.spec_from_file_location("filter_diagnostics", ROOT / "experiments" / "filter_diagnostics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def pair(i, subset, wrong, same=False):
+        chosen, rejected = ("1", "2") if wrong else ("2", "1")
+        return {"id": f"p{i}", "answer": "2", "subset": subset, "chosen": chosen,
+                "rejected": chosen if same else rejected}
+
+    run = tmp_path / "robust-s0"
+    previous = [pair(0, "easy", False), pair(1, "hard", True), pair(9, "easy", False, same=True)]
+    current = [pair(2, "easy", True), pair(3, "easy", False), pair(4, "hard", False), pair(5, "hard", True)]
+    for k, records in ((0, previous), (1, current)):
+        (run / f"iter_{k}").mkdir(parents=True)
+        (run / f"iter_{k}" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # training order: this iteration's pairs, then the history's (the identical pair p9 is not trained on)
+    losses = {"p2": 3.0, "p3": 1.0, "p4": 2.0, "p5": 0.5, "p0": 0.1, "p1": 5.0}
+    kept = {"p2": False, "p1": False}
+    filtered = [{"id": r["id"], "ropo_loss": losses[r["id"]], "kept": kept.get(r["id"], True)}
+                for r in current + previous[:2]]
+    (run / "iter_1" / "filter.jsonl").write_text("".join(json.dumps(r) + "\n" for r in filtered))
+    table = {(row[1], row[2]): row for row in module.rows(run)}
+    assert table[(1, "easy")][3:] == (3, 1, 1, "1.00")   # wrong p2 (3.0) above right p3 (1.0) and p0 (0.1)
+    assert table[(1, "hard")][3:] == (3, 2, 1, "0.50")   # wrong p5 (0.5) below p4 (2.0), wrong p1 (5.0) above
+    assert table[(1, "this iteration")][3:] == (4, 2, 1, "0.50")
+    assert table[(1, "history")][3:] == (2, 1, 1, "1.00")
+    module.main([str(run)])
+    assert "| robust-s0 | 1 | all | 6 | 3 | 2 |" in capsys.readouterr().out
