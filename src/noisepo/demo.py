@@ -1,4 +1,4 @@
-"""`noisepo demo`: the built-in task end to end with a tiny model, on a CPU, in about ten minutes.
+"""`noisepo demo`: the built-in task end to end with a tiny model, on a CPU, in about six minutes on two cores.
 
 The setting is experiment A's (issue 8, experiments/a_self_improvement.yaml): the "human" answers
 have a habit (on the hard problems, units digits summing to 13 or more, 75 % of them drop the units
