@@ -34,6 +34,12 @@ SCRIPT = textwrap.dedent('''
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save(trainer.model.state_dict(), out + "/params.pt")
+    # A gloo group left alive can abort the process in its destructors at exit ("terminate called
+    # without an active exception", -6) after the work is done; noisepo's own commands destroy it at
+    # exit (noisepo.distributed), this bare script must do it itself.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 
