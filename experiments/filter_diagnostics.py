@@ -57,12 +57,12 @@ def rows(run: Path) -> list[tuple]:
         filtered = read_jsonl(folder / "filter.jsonl")
         records, is_current = training_records(run, k, filtered)
         wrong = [r["chosen"] != r["answer"] and r["rejected"] == r["answer"] for r in records]
-        groups = {"all": lambda i: True, "this iteration": lambda i: is_current[i],
-                  "history": lambda i: not is_current[i]}
+        groups = {"all": [True] * len(records), "this iteration": is_current,
+                  "history": [not x for x in is_current]}
         for subset in sorted({r.get("subset") for r in records if r.get("subset")}):
-            groups[subset] = lambda i, s=subset: records[i].get("subset") == s
+            groups[subset] = [r.get("subset") == subset for r in records]
         for name, member in groups.items():
-            idx = [i for i in range(len(records)) if member(i)]
+            idx = [i for i in range(len(records)) if member[i]]
             if not idx:
                 continue
             losses = [filtered[i]["ropo_loss"] for i in idx]

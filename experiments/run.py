@@ -156,7 +156,9 @@ class Runner:
 
     # ------------------------------------------------------------------ arms
     def arm(self, name: str, seed: int, model: Path, data_file: Path, eval_file: Path, suffix: str = "",
-            learning_rate: float | None = None) -> Path:
+            learning_rate: float | None = None, queue: bool = True) -> Path | None:
+        """The arm's run folder, its run queued unless finished; with `queue=False` (an arm left out by
+        `--only`) the folder only when it is finished, else None, so reports still cover it."""
         arm = self.spec["arms"][name]
         command = arm.get("command", "dnpo")
         options = deep_merge(self.spec.get("loop", {}).get(command, {}), arm.get("options", {}))
@@ -171,6 +173,8 @@ class Runner:
         folder = self.experiment_root / f"{name}{suffix}-s{seed}"
         if (folder / "summary.json").exists():
             return folder
+        if not queue:
+            return None
         config = self.experiment_root / "configs" / f"{folder.name}.yaml"
         options["output"] = str(folder)
         self.configs.append((command, options))
@@ -195,7 +199,9 @@ class Runner:
 
     def run(self, seeds: list[int], only: list[str] | None, *, prepare_only: bool = False) -> list[Path]:
         folders = []
-        arms = [a for a in self.spec["arms"] if not only or a in only]
+        # Arms outside `--only` are not run, but their finished folders still go into the report, so
+        # running one more arm does not shrink the experiment's report to that arm.
+        queued = {a: not only or a in only for a in self.spec["arms"]}
         # The search evaluates on validation; the experiment itself on the test split, read once.
         split = "val.jsonl" if self.search_lrs else "test.jsonl"
         for seed in seeds:
@@ -205,16 +211,19 @@ class Runner:
                 continue
             noise = self.spec.get("noise")
             for learning_rate in self.search_lrs or [None]:
-                for arm in arms:
+                for arm, queue in queued.items():
                     if noise is None:  # experiment A: SFT data, one run per arm
-                        folders.append(self.arm(arm, seed, model, data / "sft.jsonl", data / split,
-                                                learning_rate=learning_rate))
+                        folder = self.arm(arm, seed, model, data / "sft.jsonl", data / split,
+                                          learning_rate=learning_rate, queue=queue)
+                        folders += [folder] if folder else []
                         continue
                     settings = {f"noise{rate:g}": {"kind": "symmetric", "eta": rate} for rate in noise.get("rates", [])}
                     settings.update(noise.get("practical") or {})
                     for name, corruption in settings.items():
                         pairs = self.noisy_data(data, name, corruption, seed)
-                        folder = self.arm(arm, seed, model, pairs, data / split, f"-{name}", learning_rate)
+                        folder = self.arm(arm, seed, model, pairs, data / split, f"-{name}", learning_rate, queue)
+                        if folder is None:
+                            continue
                         folders.append(folder)
                         if corruption.get("kind") != "symmetric":  # its own report: not a point of the rate sweep
                             self.practical.setdefault(name, []).append(folder)

@@ -160,3 +160,21 @@ def test_filter_diagnostics_auroc_by_subset(tmp_path, capsys):
     assert table[(1, "history")][3:] == (2, 1, 1, "1.00")
     module.main([str(run)])
     assert "| robust-s0 | 1 | all | 6 | 3 | 2 |" in capsys.readouterr().out
+
+
+def test_only_queues_its_arms_and_reports_the_finished_others(tmp_path):
+    """`--only ropo-norefill` runs that arm; the report still covers the other arms' finished runs."""
+    runner_module = load_runner()
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "experiments" / "b_label_noise.yaml").read_text())
+    spec["noise"] = {"rates": [0.2]}
+    spec["task"] = "addition"
+    spec = runner_module.with_task_overrides(spec)
+    root = tmp_path / "addition" / spec["name"]
+    (root / "dpo-noise0.2-s0").mkdir(parents=True)
+    (root / "dpo-noise0.2-s0" / "summary.json").write_text("{}")  # finished; cdpo etc. are not
+    runner = runner_module.Runner(spec, tmp_path, dry_run=True)
+    folders = runner.run([0], ["ropo-norefill"])
+    assert [f.name for f in folders] == ["dpo-noise0.2-s0", "ropo-norefill-noise0.2-s0"]
+    assert [Path(options["output"]).name for _, options in runner.configs] == ["ropo-norefill-noise0.2-s0"]
