@@ -14,20 +14,10 @@ A pair is wrongly labelled when its rejected response is the ground-truth answer
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def auroc(positives: list[float], negatives: list[float]) -> float | None:
-    if not positives or not negatives:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+from noisepo.io import read_jsonl
+from noisepo.pipelines.ropo import auroc
 
 
 def training_records(run: Path, k: int, filtered: list[dict]) -> tuple[list[dict], list[bool]]:
@@ -67,7 +57,9 @@ def rows(run: Path) -> list[tuple]:
                 continue
             losses = [filtered[i]["ropo_loss"] for i in idx]
             wrong_here = [wrong[i] for i in idx]
-            score = auroc([x for x, w in zip(losses, wrong_here) if w], [x for x, w in zip(losses, wrong_here) if not w])
+            positives = [x for x, w in zip(losses, wrong_here) if w]
+            negatives = [x for x, w in zip(losses, wrong_here) if not w]
+            score = auroc(positives, negatives) if positives and negatives else None
             discarded_wrong = sum(1 for i in idx if wrong[i] and not filtered[i]["kept"])
             out.append((run.name, k, name, len(idx), sum(wrong_here), discarded_wrong,
                         "-" if score is None else f"{score:.2f}"))

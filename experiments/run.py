@@ -215,7 +215,8 @@ class Runner:
                     if noise is None:  # experiment A: SFT data, one run per arm
                         folder = self.arm(arm, seed, model, data / "sft.jsonl", data / split,
                                           learning_rate=learning_rate, queue=queue)
-                        folders += [folder] if folder else []
+                        if folder is not None:
+                            folders.append(folder)
                         continue
                     settings = {f"noise{rate:g}": {"kind": "symmetric", "eta": rate} for rate in noise.get("rates", [])}
                     settings.update(noise.get("practical") or {})
