@@ -13,12 +13,13 @@ which is what FSDP's reduce-scatter and DDP's all-reduce do to the gradients.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from launched import run_to_success as run
 
 SCRIPT = textwrap.dedent('''
     import sys, torch
@@ -83,11 +84,6 @@ SCRIPT = textwrap.dedent('''
         dist.barrier()  # rank 0 has finished writing: tear gloo down together, never under a busy peer
         dist.destroy_process_group()
 ''')
-
-
-def run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
 @pytest.mark.slow

@@ -6,12 +6,13 @@ micro-batch (the weight total is gathered; DDP's gradient averaging is undone).
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from launched import run_to_success as run
 
 SCRIPT = textwrap.dedent('''
     import sys, torch
@@ -41,11 +42,6 @@ SCRIPT = textwrap.dedent('''
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 ''')
-
-
-def run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
 @pytest.mark.slow
