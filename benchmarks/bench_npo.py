@@ -147,7 +147,58 @@ def _floors(s: dict, trunk_params: int) -> dict:
             "flop_model_ratio_mistral7b_shapes": round(flop_model_ratio(pairs=b, length=t, **mistral), 3)}
 
 
+# Fresh processes the time comparison runs in: the step times of one process differ from another's
+# by up to ~10 % on a shared VM (memory placement), more than the rounds inside one process vary.
+TIME_PROCESSES = 3
+
+
 def npo_vs_dpo_time(quick: bool) -> dict:
+    """NPO's step time over DPO's: the rounds of `TIME_PROCESSES` fresh processes pooled, each
+    process alternating NPO, NPO with the reference forward and DPO after a warm-up; ours and the
+    baseline are the medians of the pooled rounds, and ratio = ours / baseline."""
+    children = []
+    for _ in range(TIME_PROCESSES):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; "
+                f"b._time_child({quick!r})")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        children.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    s = _sizes(quick)
+
+    def pooled(key: str) -> float:
+        return statistics.median([x for child in children for x in child[key]])
+
+    npo, forward, dpo = pooled("npo"), pooled("npo_forward"), pooled("dpo")
+    cpu = {kind: pooled(f"{kind}_cpu") for kind in ("npo", "npo_forward", "dpo")}
+    floor = {key: statistics.median(child["floor"][key] for child in children)
+             for key in ("floor_measured_ratio", "floor_measured_ratio_cached_states", "dpo_step_cpu_ms")}
+    floor["floor_measured_ratio"] = round(floor["floor_measured_ratio"], 3)
+    floor["floor_measured_ratio_cached_states"] = round(floor["floor_measured_ratio_cached_states"], 3)
+    floor["floor_parts_cpu_ms"] = {part: round(statistics.median(child["floor"]["floor_parts_cpu_ms"][part]
+                                                                 for child in children), 2)
+                                   for part in children[0]["floor"]["floor_parts_cpu_ms"]}
+    per_process = [round(statistics.median(c["npo"]) / statistics.median(c["dpo"]), 3) for c in children]
+    return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
+            "ratio": round(npo / dpo, 3), "target": "<= 1.3",
+            "ours_forward": round(forward, 4), "ratio_forward": round(forward / dpo, 3),
+            "ratio_cpu_time": round(cpu["npo"] / cpu["dpo"], 3),
+            "ratio_forward_cpu_time": round(cpu["npo_forward"] / cpu["dpo"], 3),
+            "ratio_per_process": per_process,
+            **_floors(s, children[0]["trunk_params"]), **floor, "processes": TIME_PROCESSES,
+            "rounds": children[0]["rounds"], "steps_per_round": children[0]["steps_per_round"],
+            "notes": f"processes {', '.join(f'{r:.3f}' for r in per_process)}; CPU time {cpu['npo'] / cpu['dpo']:.3f} "
+                     f"(floor {floor['floor_measured_ratio_cached_states']}); reference forward every step "
+                     f"{forward / dpo:.3f}, CPU time {cpu['npo_forward'] / cpu['dpo']:.3f} "
+                     f"(floor {floor['floor_measured_ratio']})",
+            "shape": _shape(s), "device": children[0]["device"],
+            "note": "ours = NPO step as configured by default (reference states cached: they fit 1 GiB; full-rank "
+                    "noise head); baseline = DPO step with precomputed reference log-probs; the medians of the "
+                    f"rounds of {TIME_PROCESSES} fresh processes"}
+
+
+def _time_child(quick: bool) -> None:
+    """One process of `npo_vs_dpo_time`: prints its per-round step times (s), their CPU times, and
+    its measured floor, as one JSON line."""
     import torch
     from bench_training import Stepper, alternate
 
@@ -167,22 +218,11 @@ def npo_vs_dpo_time(quick: bool) -> dict:
         times = {kind: [seconds / steps for seconds, _ in runs]
                  for kind, runs in alternate(steppers, rounds, steps).items()}
         # CPU time of the same rounds: what the step costs without the waits for a core on a shared machine
-        cpu = {kind: statistics.median(stepper.cpu_seconds[-rounds:]) / steps for kind, stepper in steppers.items()}
-        floor = measured_floor(s, steppers["npo_forward"].trainer, cpu["dpo"])
-    npo, dpo = statistics.median(times["npo"]), statistics.median(times["dpo"])
-    forward = statistics.median(times["npo_forward"])
-    return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
-            "ratio": round(npo / dpo, 3), "target": "<= 1.3",
-            "ours_forward": round(forward, 4), "ratio_forward": round(forward / dpo, 3),
-            "ratio_cpu_time": round(cpu["npo"] / cpu["dpo"], 3),
-            "ratio_forward_cpu_time": round(cpu["npo_forward"] / cpu["dpo"], 3),
-            **_floors(s, trunk), **floor, "rounds": rounds, "steps_per_round": steps,
-            "notes": f"CPU time {cpu['npo'] / cpu['dpo']:.3f} (floor {floor['floor_measured_ratio_cached_states']}); "
-                     f"reference forward every step {forward / dpo:.3f}, CPU time "
-                     f"{cpu['npo_forward'] / cpu['dpo']:.3f} (floor {floor['floor_measured_ratio']})",
-            "shape": _shape(s), "device": "cuda" if torch.cuda.is_available() else "cpu (1 thread)",
-            "note": "ours = NPO step as configured by default (reference states cached: they fit 1 GiB; full-rank "
-                    "noise head); baseline = DPO step with precomputed reference log-probs"}
+        cpu = {f"{kind}_cpu": [x / steps for x in stepper.cpu_seconds[-rounds:]] for kind, stepper in steppers.items()}
+        floor = measured_floor(s, steppers["npo_forward"].trainer,
+                               statistics.median(cpu["dpo_cpu"]))
+    print(json.dumps({**times, **cpu, "floor": floor, "trunk_params": trunk, "rounds": rounds,
+                      "steps_per_round": steps, "device": "cuda" if torch.cuda.is_available() else "cpu (1 thread)"}))
 
 
 def measured_floor(s: dict, trainer, dpo_cpu: float) -> dict:

@@ -158,25 +158,25 @@ class _NoisyTokenLogps(torch.autograd.Function):
     @staticmethod
     def _forward_saving(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
         """The forward, finishing the backward's elementwise work now: keeps P, Q (n, V) and the
-        (n,) target values of ε ⊙ sigmoid(u) (module docstring). At most four (n, V) blocks live."""
+        (n,) target values of ε ⊙ sigmoid(u) (module docstring). Four (n, V) blocks live at most, and
+        every step after the matmuls and the draw of ε works in place in them."""
         noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
-        u = F.linear(a.to(up.dtype), up, bias)  # (n, V)
-        sigma = F.softplus(u)
+        sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
+        gate = torch.sigmoid(sigma)  # sigmoid(u)
+        torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
         eps = _epsilon(seed, noisy)
         noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
         sq = torch.linalg.vector_norm(sigma).square()
         total = sigma.sum()
-        gate = u.sigmoid_()  # sigmoid(u), in u's storage
         keep_q = sigma.mul_(gate)  # Q/2 = σ ⊙ sigmoid(u)
         keep_p = eps.mul_(gate)  # ε ⊙ sigmoid(u) for now
-        del u, gate
         column = targets[:, None]
         gate_at_target = keep_p.gather(1, column).squeeze(1)  # (n,)
-        log_probs = torch.log_softmax(noisy, dim=-1)
+        probs = torch.softmax(noisy, dim=-1, out=gate)  # softmax(z̃), in the gate's storage
+        logps = _target_log_probs(noisy, probs, column)
         del noisy
-        logps = log_probs.gather(1, column).squeeze(1)
-        keep_p.mul_(log_probs.exp_())  # P = ε ⊙ sigmoid(u) ⊙ softmax(z̃)
-        del log_probs
+        keep_p.mul_(probs)  # P = ε ⊙ sigmoid(u) ⊙ softmax(z̃)
+        del probs, gate
         ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
         ctx.saved_blocks = True
         ctx.mark_non_differentiable(total)
@@ -211,16 +211,25 @@ class _NoisyTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def _backward_saved(ctx, grad_logps, grad_sq):
-        """du = 2·g_sq·Q/2 − g ⊙ P, plus g · (ε ⊙ sigmoid(u)) at each target; then the matmuls."""
+        """du = 2·g_sq·Q/2 − g ⊙ P, plus g · (ε ⊙ sigmoid(u)) at each target; then the matmuls.
+        Works in the saved blocks' storage: a second backward through the same graph raises
+        (autograd's version check) instead of reading overwritten blocks."""
         a, up, keep_p, keep_q, targets, gate_at_target = ctx.saved_tensors
         a_dtype, a = a.dtype, a.to(up.dtype)
-        grad_u = torch.mul(keep_q, 2 * grad_sq)
-        grad_u.addcmul_(keep_p, grad_logps[:, None], value=-1)
+        grad_u = keep_q.mul_(2 * grad_sq).addcmul_(keep_p, grad_logps[:, None], value=-1)
         grad_u.scatter_add_(1, targets[:, None], (grad_logps * gate_at_target)[:, None])
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
         return None, None, None, None, grad_a, grad_up, grad_bias, None, None
+
+
+def _target_log_probs(logits: torch.Tensor, probs: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at the targets, (n,), given probs = softmax(logits) without a second pass
+    of exp: logsumexp = max logit − log(max prob), and the largest probability is at least 1/V, so
+    this holds where a target's own probability underflows."""
+    lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+    return logits.gather(1, column).squeeze(1) - lse
 
 
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
