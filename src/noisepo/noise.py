@@ -144,9 +144,12 @@ class _NoisyTokenLogps(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
         noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
-        sigma = F.softplus(F.linear(a.to(up.dtype), up, bias))  # (n, V)
-        noisy.addcmul_(sigma, _epsilon(seed, noisy))  # z̃ = z + σ ⊙ ε, in z's storage
-        lse = torch.logsumexp(noisy, dim=-1)  # (n,)
+        sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
+        torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
+        eps = _epsilon(seed, noisy)
+        noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
+        lse = _logsumexp_given_softmax(noisy, torch.softmax(noisy, dim=-1, out=eps))  # (n,)
+        del eps
         logps = noisy.gather(1, targets[:, None]).squeeze(1) - lse
         sq = torch.linalg.vector_norm(sigma).square()
         total = sigma.sum()
@@ -173,7 +176,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         column = targets[:, None]
         gate_at_target = keep_p.gather(1, column).squeeze(1)  # (n,)
         probs = torch.softmax(noisy, dim=-1, out=gate)  # softmax(z̃), in the gate's storage
-        logps = _target_log_probs(noisy, probs, column)
+        logps = noisy.gather(1, column).squeeze(1) - _logsumexp_given_softmax(noisy, probs)
         del noisy
         keep_p.mul_(probs)  # P = ε ⊙ sigmoid(u) ⊙ softmax(z̃)
         del probs, gate
@@ -224,12 +227,11 @@ class _NoisyTokenLogps(torch.autograd.Function):
         return None, None, None, None, grad_a, grad_up, grad_bias, None, None
 
 
-def _target_log_probs(logits: torch.Tensor, probs: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits) at the targets, (n,), given probs = softmax(logits) without a second pass
-    of exp: logsumexp = max logit − log(max prob), and the largest probability is at least 1/V, so
-    this holds where a target's own probability underflows."""
-    lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
-    return logits.gather(1, column).squeeze(1) - lse
+def _logsumexp_given_softmax(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension, (n,), given probs = softmax(logits), without another pass of
+    exp: it is max logit − log(max prob), and the largest probability is at least 1/V, so this holds
+    where a target's own probability underflows (one softmax costs about half of torch.logsumexp)."""
+    return logits.amax(dim=-1) - probs.amax(dim=-1).log()
 
 
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
