@@ -20,7 +20,7 @@ implementation of the same numbers (tests compare the two).
 
 Time: recomputing a chunk in the backward costs two more (n, d, V) matmuls, a second draw of ε
 and a second softplus and softmax, which on CPU at small widths is most of NPO's overhead. So the
-first chunks of a call, up to `save_bytes` (default NOISE_SAVE_BYTES, 64 MiB), instead finish
+first chunks of a call, up to `save_bytes` (default NOISE_SAVE_BYTES, 256 MiB), instead finish
 their elementwise work in the forward and keep two (n, V) blocks for the backward: with the upstream
 gradients g (per position) and g_sq (of Σσ²),
 
@@ -45,7 +45,7 @@ IGNORE_INDEX = -100
 NOISE_CHUNK_BYTES = 2**24
 # Bytes of (n, V) blocks a call may keep from its forward for its backward (two per saved chunk)
 # instead of recomputing them: a time/memory trade, bounded whatever B, T and V are.
-NOISE_SAVE_BYTES = 2**26
+NOISE_SAVE_BYTES = 2**28
 
 
 def noise_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:

@@ -21,7 +21,7 @@ Cost, against a DPO step with a precomputed reference: one extra no-grad forward
 reference on the rejected half (about half a policy forward, no backward), plus per rejected
 response token two (d × V) matmuls (the LM head and the noise head) in the forward and the head's
 weight gradient in the backward; past `noisepo.noise.NOISE_SAVE_BYTES` of kept blocks per step
-(64 MiB) the forward's two matmuls are recomputed in the backward instead of kept. The noise is
+(256 MiB) the forward's two matmuls are recomputed in the backward instead of kept. The noise is
 resampled every step, so the reference cannot be reduced to log-probs; with
 `cache_reference_states` its rejected-side hidden states are computed once at the start and kept
 per pair (N·d floats per pair), so no reference model is kept and no reference forward runs (only a
