@@ -17,7 +17,8 @@ sweeps, around the base point T = 512, V = 32 000, B = 2 pairs:
 
 Methods (each through the trainer's own `training_step` + AdamW step, as in bench_npo.py):
 - `dpo`: PreferenceTrainer, loss dpo, reference precomputed;
-- `npo`: NPOTrainer, full d × V noise head, reference forward on the rejected half every step;
+- `npo`: NPOTrainer as configured by default: full d × V noise head, the reference's rejected-side
+  states cached per pair (`cache_reference_states="auto"`), so no reference forward;
 - `npo_rank64`: the same with a rank-64 head;
 - `ropo_scoring`: ROPO's per-round scoring pass over the same B pairs (`pipelines.common.pair_logps`'s
   work: eval mode, no grad, one forward of chosen + rejected, response log-probs).
