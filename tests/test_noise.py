@@ -201,3 +201,20 @@ def test_a_second_backward_through_kept_blocks_raises_instead_of_reusing_them():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_kept_and_recomputed_paths_agree_for_a_reference_in_another_dtype(dtype):
+    """The head is float32; the reference's states and LM head may be wider or narrower."""
+    hidden, labels, lm_weight = _setup(seed=6)
+    hidden, lm_weight = hidden.to(dtype), lm_weight.to(dtype)
+    results = []
+    for save_bytes in (None, 0):
+        head = NoiseHead(16, 50, sigma0=0.3)
+        torch.manual_seed(4)
+        logps, sq, _ = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, save_bytes=save_bytes)
+        (logps.sum() + sq).backward()
+        results.append((logps.detach().float(), head.bias.grad.clone(), head.weight.grad.clone()))
+    assert torch.isfinite(results[0][0]).all()
+    for x, y in zip(*results):
+        assert torch.allclose(x, y, atol=1e-5), (x, y)

@@ -109,15 +109,15 @@ def _epsilon(seed: int, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def _reference_logits(states, lm_weight, lm_bias) -> torch.Tensor:
-    """(n, d) -> (n, V) float32, in the weights' dtype first (as the model's LM head)."""
-    logits = F.linear(states.to(lm_weight.dtype), lm_weight, lm_bias)
-    return logits.to(torch.promote_types(lm_weight.dtype, torch.float32))
+def _reference_logits(states, lm_weight, lm_bias, dtype: torch.dtype) -> torch.Tensor:
+    """(n, d) -> (n, V) in `dtype` (the noise head's, float32), computed in the weights' dtype first (as
+    the model's LM head): the whole noisy path then has one dtype whatever the reference's is."""
+    return F.linear(states.to(lm_weight.dtype), lm_weight, lm_bias).to(dtype)
 
 
 def _noisy_chunk(states, targets, lm_weight, lm_bias, head: NoiseHead, seed: int):
     """Plain autograd: (n, d), (n,) -> noisy log-prob per position (n,), Σσ², Σσ over the chunk."""
-    logits = _reference_logits(states, lm_weight, lm_bias)  # (n, V), no gradient (frozen reference)
+    logits = _reference_logits(states, lm_weight, lm_bias, head.bias.dtype)  # (n, V), no gradient (frozen)
     sigma = head(states)  # (n, V)
     noisy = logits + sigma * _epsilon(seed, logits)
     target = noisy.gather(-1, targets[:, None]).squeeze(-1)
@@ -143,7 +143,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
-        noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
+        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
         eps = _epsilon(seed, noisy)
@@ -163,7 +163,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         """The forward, finishing the backward's elementwise work now: keeps P, Q (n, V) and the
         (n,) target values of ε ⊙ sigmoid(u) (module docstring). Four (n, V) blocks live at most, and
         every step after the matmuls and the draw of ε works in place in them."""
-        noisy = _reference_logits(states, lm_weight, lm_bias)  # (n, V)
+        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         gate = torch.sigmoid(sigma)  # sigmoid(u)
         torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
@@ -200,7 +200,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         u = F.linear(a, up, bias)  # (n, V)
         sigma = F.softplus(u)
         eps = _epsilon(ctx.seed, sigma)
-        probs = _reference_logits(states, lm_weight, lm_bias).addcmul_(sigma, eps)
+        probs = _reference_logits(states, lm_weight, lm_bias, up.dtype).addcmul_(sigma, eps)
         probs.sub_(lse[:, None]).exp_()  # softmax(z̃)
         # d logp / d z̃ = onehot(target) − softmax, times the upstream gradient of each position
         grad_noisy = probs.mul_(-grad_logps[:, None])
@@ -258,7 +258,7 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
     token_logps, sq_sum, sigma_sum = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias,
                                                        chunk_size=chunk_size, use_checkpoint=use_checkpoint,
                                                        save_bytes=save_bytes)
-    logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    logps = token_logps.new_zeros(batch).index_add(0, rows, token_logps)
     count = max(int(rows.shape[0]) * head.vocab_size, 1)
     return logps, sq_sum / count, sigma_sum / count
 
