@@ -17,6 +17,10 @@ What each step includes (both through the trainer's own `training_step` + optimi
   `noise.NOISE_SAVE_BYTES` of blocks kept for the backward, the rest recomputed) and the noise
   head's gradient and AdamW update.
 
+Time (`npo_vs_dpo_time`): `TIME_PROCESSES` fresh processes, each alternating the three steps after a
+warm-up; the ratio is the median of the per-round NPO/DPO ratios over all of them (one process's
+figure moves by ~±0.07 on a shared VM), `ratio_per_process` each process's median.
+
 The floor: what NPO must compute beyond DPO. In FLOPs (`flop_floor`): per rejected response token
 the reference's logits z, the head's W g and the head's weight gradient (3 × 2·N·d·V), plus the
 reference forward on the rejected half (2·P·tokens/2) unless its states are cached, over the DPO
