@@ -1,6 +1,8 @@
 """The SQLite score cache: a rerun repeats no finished call; failures are retried."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from noisepo.judges.cache import CachedScorer, cache_key
@@ -93,3 +95,70 @@ def test_a_cached_score_is_the_fresh_one_bit_for_bit(tmp_path):
     cached = CachedScorer(Signed(), tmp_path / "c.sqlite").score(items)
     assert [math.copysign(1, x) for x in fresh] == [math.copysign(1, x) for x in cached] == [1, 1]
     assert repr(fresh) == repr(cached) == "[0.0, 2.5]"
+
+
+def _open_and_put(path, barrier, results):
+    from noisepo.judges.cache import ScoreCache
+
+    barrier.wait()  # every process opens the new file at the same moment
+    try:
+        cache = ScoreCache(path)
+        cache.put(f"key-{os.getpid()}", 1.0, "test")
+        cache.close()
+        results.put(None)
+    except Exception as err:  # reported to the parent: a child's traceback would be lost
+        results.put(repr(err))
+
+
+def test_processes_opening_a_new_cache_at_once_all_get_in(tmp_path):
+    """The ranks of a distributed run open the shared cache together. Two of them can deadlock on
+    SQLite's locks while switching the new file to WAL, and SQLite then fails one at once with
+    "database is locked" (seen in CI: ~1 trial in 20 of 4 processes before the retry)."""
+    import multiprocessing
+
+    from noisepo.judges.cache import ScoreCache
+
+    context = multiprocessing.get_context("fork")
+    processes = 4
+    for trial in range(60):
+        path = tmp_path / f"{trial}.sqlite"
+        barrier, results = context.Barrier(processes), context.Queue()
+        children = [context.Process(target=_open_and_put, args=(path, barrier, results)) for _ in range(processes)]
+        for child in children:
+            child.start()
+        errors = [results.get(timeout=60) for _ in children]
+        for child in children:
+            child.join()
+        assert errors == [None] * processes, (trial, errors)
+        assert len(ScoreCache(path)) == processes
+
+
+def test_retry_while_locked_retries_only_lock_errors_and_gives_up_at_the_timeout():
+    import sqlite3
+
+    from noisepo.judges.cache import retry_while_locked
+
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return "done"
+
+    assert retry_while_locked(locked_twice) == "done" and len(calls) == 3
+
+    def broken():
+        calls.append(1)
+        raise sqlite3.OperationalError("no such table: scores")
+
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        retry_while_locked(broken)
+    assert len(calls) == 1  # not a lock: raised at once
+
+    def always_locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_while_locked(always_locked, timeout=0.05)

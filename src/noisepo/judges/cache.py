@@ -31,6 +31,29 @@ def cache_key(identity: str, prompt: str, response: str) -> str:
     return hashlib.sha256(json.dumps([identity, prompt, response]).encode("utf-8")).hexdigest()
 
 
+_TIMEOUT_S = 30.0
+
+
+def retry_while_locked(statement, timeout: float = _TIMEOUT_S):
+    """Run `statement()` again while SQLite says the database is locked, for up to `timeout` s.
+
+    Processes that open a new cache file at once (the ranks of a distributed run) can each hold a
+    shared lock and want the exclusive one, to switch the file to WAL or to create the table. SQLite
+    breaks that deadlock by failing one of them at once with "database is locked", without waiting
+    out its busy timeout. Retrying after the other is done is then the way through.
+    """
+    deadline, delay = time.monotonic() + timeout, 0.01
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as err:
+            message = str(err)
+            if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
 class ScoreCache:
     """key -> score in one SQLite file."""
 
@@ -38,10 +61,10 @@ class ScoreCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
+        self._conn = sqlite3.connect(self.path, timeout=_TIMEOUT_S, check_same_thread=False,
                                      isolation_level=None)  # autocommit; transactions are explicit
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(_SCHEMA)
+        retry_while_locked(lambda: self._conn.execute("PRAGMA journal_mode=WAL"))
+        retry_while_locked(lambda: self._conn.execute(_SCHEMA))
 
     def get_many(self, keys: list[str]) -> dict[str, float]:
         found: dict[str, float] = {}
