@@ -151,6 +151,14 @@ def _floors(s: dict, trunk_params: int) -> dict:
             "flop_model_ratio_mistral7b_shapes": round(flop_model_ratio(pairs=b, length=t, **mistral), 3)}
 
 
+def _child_json(call: str, env: dict | None = None) -> dict:
+    """Run `bench_npo.<call>` in a fresh one-thread process; the JSON object of its last output line."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; b.{call}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # Fresh processes the time comparison runs in: the step times of one process differ from another's
 # by up to ~10 % on a shared VM (memory placement), more than the rounds inside one process vary.
 TIME_PROCESSES = 3
@@ -161,30 +169,24 @@ def npo_vs_dpo_time(quick: bool) -> dict:
     the reference forward and DPO after a warm-up. ratio: the median over every round of every process
     of NPO's time over DPO's in the same round (paired, so a slow process or a slow minute cancels);
     ours and baseline: the medians of all the rounds' times, for scale."""
-    children = []
-    for _ in range(TIME_PROCESSES):
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; "
-                f"b._time_child({quick!r})")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        children.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    children = [_child_json(f"_time_child({quick!r})") for _ in range(TIME_PROCESSES)]
     s = _sizes(quick)
 
     def pooled(key: str) -> float:
         return statistics.median([x for child in children for x in child[key]])
 
-    def paired(key: str, over: str = "dpo") -> float:
-        return statistics.median([x / y for child in children for x, y in zip(child[key], child[over])])
+    def paired(key: str, over: str = "dpo", among: list[dict] = children) -> float:
+        return statistics.median([x / y for child in among for x, y in zip(child[key], child[over])])
+
+    def floor_median(key: str, part: str | None = None) -> float:
+        return statistics.median(c["floor"][key] if part is None else c["floor"][key][part] for c in children)
 
     npo, forward, dpo = pooled("npo"), pooled("npo_forward"), pooled("dpo")
-    floor = {key: statistics.median(child["floor"][key] for child in children)
-             for key in ("floor_measured_ratio", "floor_measured_ratio_cached_states", "dpo_step_cpu_ms")}
-    floor["floor_measured_ratio"] = round(floor["floor_measured_ratio"], 3)
-    floor["floor_measured_ratio_cached_states"] = round(floor["floor_measured_ratio_cached_states"], 3)
-    floor["floor_parts_cpu_ms"] = {part: round(statistics.median(child["floor"]["floor_parts_cpu_ms"][part]
-                                                                 for child in children), 2)
+    floor = {key: round(floor_median(key), digits) for key, digits in
+             (("floor_measured_ratio", 3), ("floor_measured_ratio_cached_states", 3), ("dpo_step_cpu_ms", 2))}
+    floor["floor_parts_cpu_ms"] = {part: round(floor_median("floor_parts_cpu_ms", part), 2)
                                    for part in children[0]["floor"]["floor_parts_cpu_ms"]}
-    per_process = [round(statistics.median(x / y for x, y in zip(c["npo"], c["dpo"])), 3) for c in children]
+    per_process = [round(paired("npo", among=[child]), 3) for child in children]
     ratio, ratio_forward = paired("npo"), paired("npo_forward")
     ratio_cpu, ratio_forward_cpu = paired("npo_cpu", "dpo_cpu"), paired("npo_forward_cpu", "dpo_cpu")
     return {"name": "npo_vs_dpo_time", "ours": round(npo, 4), "baseline": round(dpo, 4), "unit": "s/step",
@@ -321,11 +323,7 @@ def npo_vs_dpo_memory(quick: bool) -> dict:
         model_dir = build_model(Path(tmp) / "model", s)
         # the rank-64 variant only in full runs: it keeps --quick under 5 minutes
         for kind in ("npo", "npo_forward", "dpo") + (() if quick else ("npo_cached_rank64",)):
-            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; "
-                    f"b._memory_child({kind!r}, {quick!r}, {model_dir!r})")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
-            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            results[kind] = _child_json(f"_memory_child({kind!r}, {quick!r}, {model_dir!r})", MALLOC_ENV)["peak_mb"]
     d, v = s["hidden"], s["vocab"]
     head_mb = (d * v + v) * 4 * 4 / 2**20  # weights + grad + two AdamW moments, float32
     return {"name": "npo_vs_dpo_memory", "ours": round(results["npo"], 1), "baseline": round(results["dpo"], 1),
