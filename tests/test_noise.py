@@ -3,7 +3,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from noisepo import native
 from noisepo.noise import NoiseHead, inverse_softplus, noisy_sequence_logps, npo_objective
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU paths: the compiled kernels (native.py) and PyTorch's ops."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("NOISEPO_NATIVE", "0")
+    elif native._compiler() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    else:
+        assert native.npo_cpu_kernels() is not None
+    return request.param
 
 
 def _setup(B=3, T=7, d=16, V=50, seed=0):

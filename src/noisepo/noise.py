@@ -29,6 +29,10 @@ gradients g (per position) and g_sq (of Σσ²),
 so the forward keeps P = ε ⊙ sigmoid(u) ⊙ softmax(z̃), Q = 2 σ ⊙ sigmoid(u) and the (n,) values of
 ε ⊙ sigmoid(u) at the targets, and the backward is one pass and the head's weight-gradient matmul.
 Chunks past the budget recompute as above; both give the same numbers (ε comes from the same seed).
+
+On CPU with a float32 head, the elementwise work between the matmuls (both paths) and the draw of ε
+run in compiled C (native.py: three passes a row instead of ~15, and a vectorised normal generator);
+without a C compiler, or with NOISEPO_NATIVE=0, the PyTorch ops here run instead. GPUs use PyTorch.
 """
 from __future__ import annotations
 
@@ -104,7 +108,11 @@ class NoiseHead(nn.Module):
 
 
 def _epsilon(seed: int, like: torch.Tensor) -> torch.Tensor:
-    """ε ~ N(0, I) shaped like `like`, from a generator seeded with `seed` (redrawn in the backward)."""
+    """ε ~ N(0, I) shaped like `like`, from a generator seeded with `seed` (redrawn in the backward):
+    on CPU in float32 the native kernels' stream when they load (native.py), else torch.randn."""
+    kernels = _cpu_kernels(like, like, like)
+    if kernels is not None:
+        return kernels.normal(seed, like.shape)
     generator = torch.Generator(device=like.device).manual_seed(seed)
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
@@ -143,6 +151,16 @@ class _NoisyTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed):
+        kernels = _cpu_kernels(states, up, bias)
+        ctx.seed, ctx.saved_blocks, ctx.native = seed, False, kernels is not None
+        if kernels is not None:
+            noisy, u, eps = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
+            logps, lse, sq, total, _ = kernels.forward(noisy, u, bias, eps, targets)
+            del noisy, u, eps
+            sq, total = sq.sum(), total.sum()
+            ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
+            ctx.mark_non_differentiable(total)
+            return logps, sq, total
         noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
@@ -154,7 +172,6 @@ class _NoisyTokenLogps(torch.autograd.Function):
         sq = torch.linalg.vector_norm(sigma).square()
         total = sigma.sum()
         ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
-        ctx.seed, ctx.saved_blocks = seed, False
         ctx.mark_non_differentiable(total)
         return logps, sq, total
 
@@ -163,6 +180,16 @@ class _NoisyTokenLogps(torch.autograd.Function):
         """The forward, finishing the backward's elementwise work now: keeps P, Q (n, V) and the
         (n,) target values of ε ⊙ sigmoid(u) (module docstring). Four (n, V) blocks live at most, and
         every step after the matmuls and the draw of ε works in place in them."""
+        kernels = _cpu_kernels(states, up, bias)
+        ctx.saved_blocks, ctx.native = True, kernels is not None
+        if kernels is not None:
+            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
+            logps, _, sq, total, gate_at_target = kernels.forward(noisy, keep_q, bias, keep_p, targets)
+            del noisy
+            total = total.sum()
+            ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
+            ctx.mark_non_differentiable(total)
+            return logps, sq.sum(), total
         noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         gate = torch.sigmoid(sigma)  # sigmoid(u)
@@ -181,7 +208,6 @@ class _NoisyTokenLogps(torch.autograd.Function):
         keep_p.mul_(probs)  # P = ε ⊙ sigmoid(u) ⊙ softmax(z̃)
         del probs, gate
         ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
-        ctx.saved_blocks = True
         ctx.mark_non_differentiable(total)
         return logps, sq, total
 
@@ -196,6 +222,12 @@ class _NoisyTokenLogps(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_logps, grad_sq):
         states, targets, lm_weight, lm_bias, a, up, bias, lse = ctx.saved_tensors
+        if ctx.native:  # recompute the kept blocks exactly as the saving forward does, then its backward
+            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, ctx.seed)
+            _, _, _, _, gate_at_target = _kernels_of_forward().forward(noisy, keep_q, bias, keep_p, targets)
+            del noisy
+            return _NoisyTokenLogps._backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets,
+                                                     gate_at_target)
         a_dtype, a = a.dtype, a.to(up.dtype)
         u = F.linear(a, up, bias)  # (n, V)
         sigma = F.softplus(u)
@@ -218,6 +250,9 @@ class _NoisyTokenLogps(torch.autograd.Function):
         Works in the saved blocks' storage: a second backward through the same graph raises
         (autograd's version check) instead of reading overwritten blocks."""
         a, up, keep_p, keep_q, targets, gate_at_target = ctx.saved_tensors
+        if ctx.native:
+            return _NoisyTokenLogps._backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets,
+                                                     gate_at_target)
         a_dtype, a = a.dtype, a.to(up.dtype)
         grad_u = keep_q.mul_(2 * grad_sq).addcmul_(keep_p, grad_logps[:, None], value=-1)
         grad_u.scatter_add_(1, targets[:, None], (grad_logps * gate_at_target)[:, None])
@@ -225,6 +260,51 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
         return None, None, None, None, grad_a, grad_up, grad_bias, None, None
+
+    @staticmethod
+    def _backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets, gate_at_target):
+        """The saved-blocks backward in one fused pass (native.py): du written over Q/2, and the
+        bias's gradient as its column sums; then the matmuls."""
+        grad_bias = _kernels_of_forward().backward(keep_q, keep_p, targets, grad_logps.contiguous(), 2 * float(grad_sq),
+                                     gate_at_target)
+        grad_u, a_dtype, a = keep_q, a.dtype, a.to(up.dtype)
+        grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
+        grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
+        return None, None, None, None, grad_a, grad_up, grad_bias if ctx.needs_input_grad[6] else None, None, None
+
+
+def _cpu_kernels(states, up, bias):
+    """The compiled CPU kernels (native.py) when this chunk can use them: on CPU with a float32 head;
+    else None, and the PyTorch ops run."""
+    if (states.device.type != "cpu" or up.dtype != torch.float32 or bias.dtype != torch.float32
+            or not bias.is_contiguous() or not all(_plain(t) for t in (states, up, bias))):
+        return None
+    from noisepo import native
+
+    return native.npo_cpu_kernels()
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """A tensor whose data_ptr is its whole data (not a DTensor or another subclass): the C code reads it."""
+    return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def _kernels_of_forward():
+    """The kernels again in the backward of a chunk whose forward used them (loaded once per process)."""
+    from noisepo import native
+
+    kernels = native.loaded_kernels()
+    if kernels is None:
+        raise RuntimeError("NPO: the native kernel used in the forward is no longer loaded")
+    return kernels
+
+
+def _native_inputs(states, lm_weight, lm_bias, a, up, seed):
+    """The kernel's three (n, V) inputs: the reference logits, u = a upᵀ without the bias (the
+    kernel adds it), and ε; each a fresh contiguous float32 block the kernel may overwrite."""
+    noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype).contiguous()
+    u = F.linear(a.to(up.dtype), up)
+    return noisy, u, _epsilon(seed, noisy)
 
 
 def _logsumexp_given_softmax(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -271,7 +351,7 @@ def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: to
     Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries); only the head gets
     gradients. `noisy_sequence_logps` sums these per sequence (and documents the options).
     """
-    states, lm_weight = states.detach(), lm_weight.detach()
+    states, lm_weight, targets = states.detach(), lm_weight.detach(), targets.long()
     lm_bias = None if lm_bias is None else lm_bias.detach()
     parts = []
     sq_sum = torch.zeros((), dtype=torch.float32, device=states.device)
