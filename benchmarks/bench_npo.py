@@ -25,7 +25,8 @@ The floor: what NPO must compute beyond DPO. In FLOPs (`flop_floor`): per reject
 the reference's logits z, the head's W g and the head's weight gradient (3 × 2·N·d·V), plus the
 reference forward on the rejected half (2·P·tokens/2) unless its states are cached, over the DPO
 step's 6·P·tokens + 8·n·d·V; also given for Mistral-7B's shapes. Measured (`measured_floor`): those
-matmuls, one draw of ε, one softplus and one log-softmax over (N, V), and the reference forward,
+matmuls, one draw of ε (from NPO's own generator: native.py's on CPU when it builds), one softplus and
+one log-softmax over (N, V) in PyTorch, and the reference forward,
 each timed alone in CPU time, over the DPO step's CPU time; compare with `ratio_cpu_time` (the
 same rounds as the wall-clock ratio, in CPU time: robust to the waits for a core on a shared
 machine).
@@ -244,6 +245,8 @@ def measured_floor(s: dict, trainer, dpo_cpu: float) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from noisepo.noise import _epsilon  # the generator NPO draws ε from (native.py's on CPU when it builds)
+
     def cpu_ms(fn, repeats: int = 7) -> float:
         fn()
         times = []
@@ -257,7 +260,7 @@ def measured_floor(s: dict, trainer, dpo_cpu: float) -> dict:
     g = torch.Generator().manual_seed(0)
     states, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.02
     logits = states @ weight.T
-    parts = {"matmuls": 3 * cpu_ms(lambda: states @ weight.T), "epsilon": cpu_ms(lambda: torch.randn(n, v)),
+    parts = {"matmuls": 3 * cpu_ms(lambda: states @ weight.T), "epsilon": cpu_ms(lambda: _epsilon(0, logits)),
              "softplus": cpu_ms(lambda: F.softplus(logits)), "log_softmax": cpu_ms(lambda: torch.log_softmax(logits, -1))}
     batch = next(iter(trainer.get_train_dataloader()))
     half = batch["input_ids"].shape[0] // 2
