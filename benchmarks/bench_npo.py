@@ -42,9 +42,7 @@ reference instead (`ratio_forward`).
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -154,10 +152,9 @@ def _floors(s: dict, trunk_params: int) -> dict:
 
 def _child_json(call: str, env: dict | None = None) -> dict:
     """Run `bench_npo.<call>` in a fresh one-thread process; the JSON object of its last output line."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_npo as b; b.{call}"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench_training import child_json
+
+    return child_json("bench_npo", call, env)
 
 
 # Fresh processes the time comparison runs in: the step times of one process differ from another's
@@ -321,12 +318,15 @@ def _memory_child(kind: str, quick: bool, model_dir: str) -> None:
 
 def npo_vs_dpo_memory(quick: bool) -> dict:
     s = _sizes(quick)
-    results = {}
+    from bench_training import memory_children
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", s)
         # the rank-64 variant only in full runs: it keeps --quick under 5 minutes
-        for kind in ("npo", "npo_forward", "dpo") + (() if quick else ("npo_cached_rank64",)):
-            results[kind] = _child_json(f"_memory_child({kind!r}, {quick!r}, {model_dir!r})", MALLOC_ENV)["peak_mb"]
+        kinds = ("npo", "npo_forward", "dpo") + (() if quick else ("npo_cached_rank64",))
+        found = memory_children("bench_npo", {kind: f"_memory_child({kind!r}, {quick!r}, {model_dir!r})"
+                                              for kind in kinds}, MALLOC_ENV)
+    results = {kind: found[kind]["peak_mb"] for kind in kinds}
     d, v = s["hidden"], s["vocab"]
     head_mb = (d * v + v) * 4 * 4 / 2**20  # weights + grad + two AdamW moments, float32
     return {"name": "npo_vs_dpo_memory", "ours": round(results["npo"], 1), "baseline": round(results["dpo"], 1),

@@ -102,6 +102,28 @@ def proc_status_mb(field: str) -> float:
 
 
 MEMORY_ROUNDS = 5  # peaks measured per fresh process (the process's peak is reset between rounds)
+# Memory children (each measures only its own peak RSS, never a time) run this many at a time.
+MEMORY_PROCESSES_AT_ONCE = max(1, min(2, os.cpu_count() or 1))
+
+
+def child_json(module: str, call: str, env: dict | None = None) -> dict:
+    """Run `<module>.<call>` (a benchmarks/ module) in a fresh one-thread process; the JSON object on
+    its last output line."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {module} as b; b.{call}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_children(module: str, calls: dict[str, str], env: dict | None = None) -> dict[str, dict]:
+    """name -> `child_json(module, call)` for processes that measure memory only, run
+    `MEMORY_PROCESSES_AT_ONCE` at a time: a process's peak RSS does not depend on what runs beside it,
+    and the suite spends most of its wall time in these."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(MEMORY_PROCESSES_AT_ONCE) as pool:
+        futures = {name: pool.submit(child_json, module, call, env) for name, call in calls.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def reset_peak_rss() -> bool:
@@ -172,14 +194,11 @@ def alternate(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str
     return results
 
 
-def peak_rss_mb(which: str, quick: bool) -> float:
-    """Peak RSS of a fresh process that builds one trainer and runs the timed steps: the median over
-    MEMORY_ROUNDS rounds of steps after the first (the peak reset before each)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_training as b; " \
-           f"b._rss_child({which!r}, {quick!r})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+def peak_rss_mb(quick: bool, which=("ours", "trl")) -> dict[str, float]:
+    """Per trainer, the peak RSS of a fresh process that builds it and runs the timed steps: the
+    median over MEMORY_ROUNDS rounds of steps after the first (the peak reset before each)."""
+    found = memory_children("bench_training", {name: f"_rss_child({name!r}, {quick!r})" for name in which})
+    return {name: statistics.median(result["peak_rss_mb"]) for name, result in found.items()}
 
 
 def _rss_child(which: str, quick: bool) -> None:
@@ -195,7 +214,8 @@ def _rss_child(which: str, quick: bool) -> None:
         stepper = Stepper(make(model_dir, records, str(Path(tmp) / which), steps * (MEMORY_ROUNDS + 1)))
         stepper.run(steps)  # the first round: optimizer state, caches
         peaks.append(peak_rss_self_mb())
-        for _ in range(MEMORY_ROUNDS if reset_peak_rss() else 0):
+        # --quick: 3 rounds (each a whole epoch, so each sees the longest batch); full: MEMORY_ROUNDS
+        for _ in range((3 if quick else MEMORY_ROUNDS) if reset_peak_rss() else 0):
             stepper.run(steps)
             peaks.append(peak_rss_self_mb())
     print(json.dumps({"peak_rss_mb": peaks[1:] or peaks}))
@@ -210,23 +230,23 @@ def dpo_step_vs_trl(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", records)
         steppers = {"ours": Stepper(our_trainer(model_dir, records, str(Path(tmp) / "ours"), steps)),
-                    "trl": Stepper(trl_trainer(model_dir, records, str(Path(tmp) / "trl"), steps)),
-                    # where the gain comes from: ours with padded (length-grouped) batches, no packing
-                    "ours_padded": Stepper(our_trainer(model_dir, records, str(Path(tmp) / "padded"), steps,
-                                                       padding_free=False))}
+                    "trl": Stepper(trl_trainer(model_dir, records, str(Path(tmp) / "trl"), steps))}
+        if not quick:  # where the gain comes from: ours with padded (length-grouped) batches, no packing
+            steppers["ours_padded"] = Stepper(our_trainer(model_dir, records, str(Path(tmp) / "padded"), steps,
+                                                          padding_free=False))
         for stepper in steppers.values():
             stepper.run(2)  # warm-up
         rates = {name: [tokens / seconds for seconds, tokens in runs]
                  for name, runs in alternate(steppers, rounds, steps).items()}
     ours, trl = statistics.median(rates["ours"]), statistics.median(rates["trl"])
-    rss = {name: peak_rss_mb(name, quick) for name in ("ours", "trl")}
+    rss = peak_rss_mb(quick)
+    padded = {} if quick else {"ours_padded_no_packing": round(statistics.median(rates["ours_padded"]), 1)}
     return {"name": "dpo_step_vs_trl", "ours": round(ours, 1), "baseline": round(trl, 1), "unit": "tokens/s",
             "ratio": round(ours / trl, 3), "target": ">= 1.25", "memory_ok": rss["ours"] <= rss["trl"],
-            "ours_padded_no_packing": round(statistics.median(rates["ours_padded"]), 1),
-            "peak_rss_mb_ours": round(rss["ours"], 1),
+            **padded, "peak_rss_mb_ours": round(rss["ours"], 1),
             "peak_rss_mb_baseline": round(rss["trl"], 1), "rounds": rounds, "steps_per_round": steps,
-            "notes": f"peak RSS {rss['ours']:.0f} vs {rss['trl']:.0f} MiB; without packing "
-                     f"{statistics.median(rates['ours_padded']) / trl:.2f}",
+            "notes": f"peak RSS {rss['ours']:.0f} vs {rss['trl']:.0f} MiB"
+                     + ("" if quick else f"; without packing {padded['ours_padded_no_packing'] / trl:.2f}"),
             "batch_size": BATCH_SIZE, "model": "tiny preset (4 layers, width 128, char vocab), float32, 1 thread"}
 
 
@@ -286,12 +306,8 @@ def logprobs_chunked_vs_naive_memory(quick: bool) -> dict:
     """Each variant in a fresh process: on CPU the peak RSS (VmHWM) above the inputs (large
     tensors are mmapped and returned on free, so this is the peak of live tensors plus the
     library's workspace); on CUDA `max_memory_allocated` above the inputs."""
-    results = {}
-    for variant in ("chunked", "naive"):
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_training as b; " \
-               f"b._logprob_child({variant!r}, {quick!r})"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = memory_children("bench_training", {variant: f"_logprob_child({variant!r}, {quick!r})"
+                                                 for variant in ("chunked", "naive")})
     ours, naive = results["chunked"]["peak_mb"], results["naive"]["peak_mb"]
     pairs, length, width, vocab = _logprob_shapes(quick)
     return {"name": "logprobs_chunked_vs_naive_memory", "ours": round(ours, 1), "baseline": round(naive, 1),

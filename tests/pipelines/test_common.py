@@ -24,6 +24,23 @@ def test_pair_logps_match_response_logps_and_are_order_independent(micro_model_d
                for a, b in zip(scored, reversed_scores))
 
 
+def test_pair_logps_batch_each_side_with_sequences_of_its_length(micro_model_dir):
+    """The long sides of two pairs share a batch and the short sides another, instead of each pair's
+    short side being padded to its long one; the numbers are those of one sequence at a time."""
+    model, tok = load_policy(micro_model_dir)
+    records = [{"prompt": "1+1=", "chosen": "2" * 30, "rejected": "2"}, {"prompt": "2+2=", "chosen": "4", "rejected": "4" * 30}]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    scored = pair_logps(model, tok, records, max_length=64, batch_size=1)
+    hook.remove()
+    assert len(widths) == 2 and widths[0][0] == widths[1][0] == 2 and widths[0][1] > 2 * widths[1][1]
+    one_at_a_time = [response_logps(model, tok, [r["prompt"]], [r[side]], max_length=64, batch_size=1)[0]
+                     for r in records for side in ("chosen", "rejected")]
+    together = [s[side] for s in scored for side in ("chosen", "rejected")]
+    assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) for a, b in zip(together, one_at_a_time))
+
+
 @pytest.mark.parametrize("given_reference", [False, True])
 def test_train_pairs_saves_a_model_and_raises_the_margin(micro_model_dir, tmp_path, given_reference):
     records = _records()

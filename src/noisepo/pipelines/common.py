@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from noisepo.logprobs import model_sequence_logps
-from noisepo.training.collate import PreferenceCollator, encode_pair, pair_length
+from noisepo.training.collate import collate_sequences, encode_pair
 
 
 @dataclass
@@ -115,16 +115,43 @@ class _with_output:
         return getattr(self._options, name)
 
 
-@torch.no_grad()
 def pair_logps(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 16,
                chunk_size: int | None = None, progress: bool = False, shard: bool = False) -> list[dict]:
     """Forward-only summed log-probs of both sides of every pair, in eval mode (no dropout).
 
     Returns, per record, `{"chosen": s, "rejected": s, "chosen_count": n, "rejected_count": n}`.
-    Batches are formed longest-first so little is padded; the order of the output is the input's.
+    Each side is a sequence of its own (`batch_size` pairs = 2 × `batch_size` sequences a batch), so
+    batches group sequences of similar length whichever pair they come from (the two sides of a
+    pair often differ in length); the order of the output is the input's.
     `shard`: a collective over the processes: each takes every W-th batch, every rank gets all rows
     (the batches are the ones one process forms, so the numbers do not depend on W).
     """
+    pairs = [encode_pair(tokenizer, r, max_length=max_length) for r in records]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    scored = _sequence_logps(model, tokenizer, sequences, batch_size=2 * batch_size, chunk_size=chunk_size,
+                             progress=progress, shard=shard)
+    n = len(pairs)
+    return [{"chosen": c, "rejected": r, "chosen_count": nc, "rejected_count": nr}
+            for (c, nc), (r, nr) in zip(scored[:n], scored[n:])]
+
+
+def response_logps(model, tokenizer, prompts: list, responses: list, *, max_length: int, batch_size: int = 16,
+                   chunk_size: int | None = None, progress: bool = False, shard: bool = False) -> list[float]:
+    """Summed log π(response | prompt) for each (prompt, response), forward only, eval mode;
+    `batch_size` sequences a batch. Encoded as one side of a pair (the same chat template and
+    truncation as `pair_logps`)."""
+    encoded = [encode_pair(tokenizer, {"prompt": p, "chosen": r, "rejected": r}, max_length=max_length)
+               for p, r in zip(prompts, responses, strict=True)]
+    scored = _sequence_logps(model, tokenizer, [(e["prompt_ids"], e["chosen_ids"]) for e in encoded],
+                             batch_size=batch_size, chunk_size=chunk_size, progress=progress, shard=shard)
+    return [total for total, _ in scored]
+
+
+@torch.no_grad()
+def _sequence_logps(model, tokenizer, sequences: list[tuple[list[int], list[int]]], *, batch_size: int,
+                    chunk_size: int | None, progress: bool, shard: bool) -> list[tuple[float, int]]:
+    """(summed response log-prob, response tokens) of each (prompt_ids, response_ids), in its order:
+    longest-first batches of `batch_size` sequences, right-padded, eval mode."""
     from tqdm.auto import tqdm
 
     from noisepo import distributed
@@ -132,32 +159,19 @@ def pair_logps(model, tokenizer, records: list[dict], *, max_length: int, batch_
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pairs = [encode_pair(tokenizer, r, max_length=max_length) for r in records]
-    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)
-    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-    found: dict[int, dict] = {}
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    pad_token_id = tokenizer.pad_token_id or 0
+    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+    batches = [order[start:start + max(1, batch_size)] for start in range(0, len(order), max(1, batch_size))]
+    found: dict[int, tuple[float, int]] = {}
     for indices in tqdm(distributed.shard(batches) if shard else batches, desc="log-probs", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate([pairs[i] for i in indices]).items()}
-        chosen, rejected = model_sequence_logps(model, batch, chunk_size=chunk_size).split()
-        values = zip(chosen.sum.float().tolist(), rejected.sum.float().tolist(), chosen.count.tolist(),
-                     rejected.count.tolist())
-        for i, (c, r, nc, nr) in zip(indices, values):
-            found[i] = {"chosen": c, "rejected": r, "chosen_count": int(nc), "rejected_count": int(nr)}
+        rows = collate_sequences(*zip(*(sequences[i] for i in indices)), pad_token_id=pad_token_id)
+        result = model_sequence_logps(model, {k: v.to(device) for k, v in rows.items()}, chunk_size=chunk_size)
+        for i, total, count in zip(indices, result.sum.float().tolist(), result.count.tolist()):
+            found[i] = (total, int(count))
     model.train(was_training)
     if shard:
         found = distributed.gather_indexed(found)
-    return [found[i] for i in range(len(pairs))]
-
-
-def response_logps(model, tokenizer, prompts: list, responses: list, *, max_length: int, batch_size: int = 16,
-                   chunk_size: int | None = None, progress: bool = False, shard: bool = False) -> list[float]:
-    """Summed log π(response | prompt) for each (prompt, response), forward only, eval mode."""
-    # Pair each response with itself: one code path (and one chat template) for pairs and singles.
-    records = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses, strict=True)]
-    scored = pair_logps(model, tokenizer, records, max_length=max_length, batch_size=max(1, batch_size // 2),
-                        chunk_size=chunk_size, progress=progress, shard=shard)
-    return [s["chosen"] for s in scored]
+    return [found[i] for i in range(len(sequences))]
 
 
 def evaluate_task(model_dir: str, task, records: list[dict], *, max_new_tokens: int = 32, batch_size: int = 64,

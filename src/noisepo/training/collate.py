@@ -67,22 +67,26 @@ class PreferenceCollator:
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [p["prompt_ids"] for p in pairs] * 2
         responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-        width = max(len(a) + len(b) for a, b in zip(prompts, responses))
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids, attention_mask, labels = [], [], []
-        for prompt, response in zip(prompts, responses):
-            pad = width - len(prompt) - len(response)
-            input_ids.append(prompt + response + [self.pad_token_id] * pad)
-            attention_mask.append([1] * (len(prompt) + len(response)) + [0] * pad)
-            labels.append([IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * pad)
-        batch = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        return {**collate_sequences(prompts, responses, self.pad_token_id, self.pad_to_multiple_of),
+                **pair_columns(pairs)}
+
+
+def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int,
+                      pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows prompt + response, right-padded to the longest: input_ids, attention_mask, labels (R, T),
+    labels -100 on prompt and padding."""
+    width = max(len(a) + len(b) for a, b in zip(prompts, responses, strict=True))
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids, attention_mask, labels = [], [], []
+    for prompt, response in zip(prompts, responses):
+        pad = width - len(prompt) - len(response)
+        input_ids.append(prompt + response + [pad_token_id] * pad)
+        attention_mask.append([1] * (len(prompt) + len(response)) + [0] * pad)
+        labels.append([IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * pad)
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            **pair_columns(pairs),
-        }
-        return batch
+            "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
