@@ -1,6 +1,7 @@
 """`noisepo dnpo` and `noisepo ropo` under 2 CPU processes (torchrun, gloo) write what 1 process
 writes with the same global batch: the same generations, scores and pairs (byte for byte), the same
-ROPO reference, kept set and refills, and training losses that agree to float rounding. (Equal
+ROPO reference, kept set and refills, and training losses that agree to float rounding (NPO's: to
+the spread of its random ε, which each process draws for its own rows). (Equal
 steps need full global batches: on a ragged last batch accelerate repeats pairs to give every rank
 one, so ROPO here stops after 5 steps of 4 pairs.) A rerun of
 the 2-process command resumes: every rank agrees that every stage is done, nothing is rewritten.
@@ -109,8 +110,12 @@ def test_dnpo_two_processes_write_what_one_writes(runs):
         trained = [json.loads((run / "dnpo" / f"iter_{k}" / "train.json").read_text()) for run in (one, two)]
         assert trained[0]["global_step"] == trained[1]["global_step"] == 2
         # Iteration 1 trains with NPO: each process draws the ε of its own rows (one seed per call
-        # from its RNG), so the loss agrees in distribution, here to ~1e-4, not to float rounding.
-        tolerance = 1e-5 if k == 0 else 1e-3
+        # from its RNG), so the loss agrees in distribution, not to float rounding. Its spread is the
+        # ε draw's: with σ0 = 0.01 and 4 pairs a step, four draws (1 and 2 processes, the compiled and
+        # the PyTorch generator) gave train losses 0.49239-0.49359 (2.4e-3 relative) and step-1
+        # losses 0.6896-0.6929; 2e-2 is several times that spread (the noise head's DDP training is
+        # checked to 1e-6, with its ε fixed, in test_noise_head_sharded.py).
+        tolerance = 1e-5 if k == 0 else 2e-2
         assert close(trained[0]["train_loss"], trained[1]["train_loss"], tolerance), (
             k, trained[0]["train_loss"], trained[1]["train_loss"])
     npo = json.loads((two / "dnpo" / "iter_1" / "metrics.json").read_text())
