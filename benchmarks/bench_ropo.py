@@ -8,9 +8,9 @@ ropo_scoring_vs_epoch: ROPO scores every original pair with ℓ_ropo each round 
 one CPU thread, the reference log-probs precomputed once and carried in the records (as the loop
 does: the reference is the initial model in every round).
 - ours: the scoring pass exactly as the loop runs it, `noisepo.pipelines.ropo_scores` over
-  `pipelines.common.pair_logps` (tokenise, longest-first batches of `--score-batch-size` pairs, the
-  command's default 16, forward only, eval mode, no grad), loss computed from the stored reference
-  columns;
+  `pipelines.common.pair_logps` (tokenise; each side of a pair is its own sequence, in longest-first
+  batches of 2 × `--score-batch-size` sequences, the command's default 16 pairs; forward only, eval
+  mode, no grad), loss computed from the stored reference columns;
 - baseline: one epoch of `PreferenceTrainer` with loss `ropo` on the same pairs (its dataloader
   and collator, `training_step` = forward + backward, the optimizer step), batch size 8 (the
   default), reference columns given so it does no reference pass either.

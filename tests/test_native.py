@@ -73,6 +73,22 @@ def test_softplus_keeps_relative_precision_where_sigma_is_tiny(kernels):
 
 
 @needs_compiler
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs_give_pytorchs_non_finite_outputs(kernels, bad):
+    """Built with -ffast-math, the kernel must still let a NaN or infinity through where PyTorch does
+    (a diverged run has to reach the training guards), and leave the other rows alone."""
+    noisy, u, bias, eps, targets = _case(3, 37)
+    targets[1] = 5
+    noisy[1, 5] = bad  # at row 1's target
+    u[2, 3] = bad
+    expected = native.reference_forward(noisy, u, bias, eps, targets)["logps"]
+    got = kernels.forward(noisy.clone(), u.clone(), bias, eps.clone(), targets)[0]
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf()), (got, expected)
+    finite = expected.isfinite()
+    assert torch.allclose(got[finite], expected[finite], rtol=2e-5, atol=1e-6)
+
+
+@needs_compiler
 def test_threads_split_rows_without_changing_the_numbers(kernels, monkeypatch):
     noisy, u, bias, eps, targets = _case(64, 300)
     outputs = {}
