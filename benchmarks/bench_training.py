@@ -102,6 +102,7 @@ def proc_status_mb(field: str) -> float:
 
 
 MEMORY_ROUNDS = 5  # peaks measured per fresh process (the process's peak is reset between rounds)
+MEMORY_ROUNDS_QUICK = 3  # the same for the TRL comparison's RSS children under --quick
 # Memory children (each measures only its own peak RSS, never a time) run this many at a time.
 MEMORY_PROCESSES_AT_ONCE = max(1, min(2, os.cpu_count() or 1))
 
@@ -117,8 +118,9 @@ def child_json(module: str, call: str, env: dict | None = None) -> dict:
 
 def memory_children(module: str, calls: dict[str, str], env: dict | None = None) -> dict[str, dict]:
     """name -> `child_json(module, call)` for processes that measure memory only, run
-    `MEMORY_PROCESSES_AT_ONCE` at a time: a process's peak RSS does not depend on what runs beside it,
-    and the suite spends most of its wall time in these."""
+    `MEMORY_PROCESSES_AT_ONCE` at a time: the suite spends much of its wall time in these. A peak
+    measured beside another process came out ~2 % higher on average on this VM, within its run-to-run
+    spread (benchmarks/README.md)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(MEMORY_PROCESSES_AT_ONCE) as pool:
@@ -196,7 +198,8 @@ def alternate(steppers: dict[str, Stepper], rounds: int, steps: int) -> dict[str
 
 def peak_rss_mb(quick: bool, which=("ours", "trl")) -> dict[str, float]:
     """Per trainer, the peak RSS of a fresh process that builds it and runs the timed steps: the
-    median over MEMORY_ROUNDS rounds of steps after the first (the peak reset before each)."""
+    median over MEMORY_ROUNDS (--quick: MEMORY_ROUNDS_QUICK) rounds of steps after the first (the peak
+    reset before each)."""
     found = memory_children("bench_training", {name: f"_rss_child({name!r}, {quick!r})" for name in which})
     return {name: statistics.median(result["peak_rss_mb"]) for name, result in found.items()}
 
@@ -214,8 +217,8 @@ def _rss_child(which: str, quick: bool) -> None:
         stepper = Stepper(make(model_dir, records, str(Path(tmp) / which), steps * (MEMORY_ROUNDS + 1)))
         stepper.run(steps)  # the first round: optimizer state, caches
         peaks.append(peak_rss_self_mb())
-        # --quick: 3 rounds (each a whole epoch, so each sees the longest batch); full: MEMORY_ROUNDS
-        for _ in range((3 if quick else MEMORY_ROUNDS) if reset_peak_rss() else 0):
+        # each round is a whole epoch, so each sees the longest batch
+        for _ in range((MEMORY_ROUNDS_QUICK if quick else MEMORY_ROUNDS) if reset_peak_rss() else 0):
             stepper.run(steps)
             peaks.append(peak_rss_self_mb())
     print(json.dumps({"peak_rss_mb": peaks[1:] or peaks}))

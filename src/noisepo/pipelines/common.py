@@ -161,7 +161,8 @@ def _sequence_logps(model, tokenizer, sequences: list[tuple[list[int], list[int]
     device = next(model.parameters()).device
     pad_token_id = tokenizer.pad_token_id or 0
     order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-    batches = [order[start:start + max(1, batch_size)] for start in range(0, len(order), max(1, batch_size))]
+    batch_size = max(1, batch_size)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     found: dict[int, tuple[float, int]] = {}
     for indices in tqdm(distributed.shard(batches) if shard else batches, desc="log-probs", disable=not progress):
         rows = collate_sequences(*zip(*(sequences[i] for i in indices)), pad_token_id=pad_token_id)
