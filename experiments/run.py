@@ -25,6 +25,11 @@ core, one thread each; with N > 1 an arm's output goes to RUNS/<task>/<experimen
 rate of the grid, evaluated on the *validation* split (never the test split), for experiment B at the one
 flip rate `--search-eta`; the runs go to RUNS/<task>/<experiment>-search/ and the table of final
 validation accuracy (arm x rate) to its search.md.
+
+`--search-npo GRID.yaml` is NPO's search (issue 20): the `npo-only` arm at its own learning rate, once per
+named configuration of the grid file (`name: {npo option: value, ...}`), on the validation split, seed 0;
+runs in RUNS/<task>/<experiment>-npo-search/, and the table (configuration, final validation accuracy,
+mean |M_noisy − M_clean| over the NPO iterations, σ) in its search.md and search.json.
 """
 from __future__ import annotations
 
@@ -93,15 +98,17 @@ def short_hash(value) -> str:
 
 class Runner:
     def __init__(self, spec: dict, runs: Path, *, dry_run: bool = False, jobs: int = 1,
-                 search_lrs: list[float] | None = None):
+                 search_lrs: list[float] | None = None, npo_grid: dict | None = None):
         self.spec, self.dry_run, self.jobs = spec, dry_run, jobs
         self.search_lrs = search_lrs  # the learning-rate search: every arm at every rate, on validation
+        self.npo_grid = npo_grid  # NPO's search: npo-only once per named configuration, on validation
         self.pending: list[tuple[Path, list[str]]] = []  # arm runs queued for the parallel phase
         self.lock = threading.Lock()
         self.task = spec["task"]
         task_folder = self.task.replace(":", "-").replace(".", "_")
         self.root = runs / task_folder
-        self.experiment_root = self.root / (spec["name"] + ("-search" if search_lrs else ""))
+        self.experiment_root = self.root / (spec["name"] + ("-search" if search_lrs else "")
+                                            + ("-npo-search" if npo_grid else ""))
         self.log = self.experiment_root / "commands.log"
         self.configs: list[tuple[str, dict]] = []  # (command, options) of every arm run, for checks
         self.practical: dict[str, list[Path]] = {}  # rule-based noise setting -> its run folders
@@ -156,7 +163,7 @@ class Runner:
 
     # ------------------------------------------------------------------ arms
     def arm(self, name: str, seed: int, model: Path, data_file: Path, eval_file: Path, suffix: str = "",
-            learning_rate: float | None = None, queue: bool = True) -> Path | None:
+            learning_rate: float | None = None, queue: bool = True, extra: dict | None = None) -> Path | None:
         """The arm's run folder, its run queued unless finished; with `queue=False` (an arm left out by
         `--only`) the folder only when it is finished, else None, so reports still cover it."""
         arm = self.spec["arms"][name]
@@ -165,6 +172,8 @@ class Runner:
         if learning_rate is not None:
             options = deep_merge(options, {"training.learning_rate": learning_rate})
             suffix += f"-lr{short_float(learning_rate)}"
+        if extra:
+            options = deep_merge(options, extra)
         options = deep_merge(options, {"model": str(model), "data": str(data_file), "task": self.task,
                                        "eval_data": str(eval_file), "seed": seed, "progress": False,
                                        "training.seed": seed})
@@ -203,11 +212,17 @@ class Runner:
         # running one more arm does not shrink the experiment's report to that arm.
         queued = {a: not only or a in only for a in self.spec["arms"]}
         # The search evaluates on validation; the experiment itself on the test split, read once.
-        split = "val.jsonl" if self.search_lrs else "test.jsonl"
+        split = "val.jsonl" if self.search_lrs or self.npo_grid else "test.jsonl"
         for seed in seeds:
             data = self.data(seed)
             model = self.sft(seed, data)
             if prepare_only:
+                continue
+            if self.npo_grid:
+                for config_name, npo_options in self.npo_grid.items():
+                    folder = self.arm("npo-only", seed, model, data / "sft.jsonl", data / split, f"-{config_name}",
+                                      extra={f"npo.{k}": v for k, v in npo_options.items()})
+                    folders.append(folder)
                 continue
             noise = self.spec.get("noise")
             for learning_rate in self.search_lrs or [None]:
@@ -230,6 +245,40 @@ class Runner:
                             self.practical.setdefault(name, []).append(folder)
         self.run_pending()
         return folders
+
+    def npo_search_rows(self, folders: list[Path]) -> list[dict]:
+        """Per configuration: its options, final validation accuracy, and what the noise did (mean over the
+        NPO iterations of the mean |M_noisy − M_clean|, its largest value, the last σ means)."""
+        rows = []
+        for folder in folders:
+            name = folder.name.rsplit("-s", 1)[0].removeprefix("npo-only-")
+            steps = [json.loads(p.read_text()) for p in sorted(folder.glob("iter_*/metrics.json"),
+                                                                key=lambda p: int(p.parent.name.split("_")[1]))]
+            npo_steps = [m for m in steps if m.get("npo")]
+            effects = [m["npo/margin_effect"] for m in npo_steps if m.get("npo/margin_effect") is not None]
+            rows.append({"config": name, "options": self.npo_grid.get(name, {}),
+                         "accuracy": steps[-1].get("accuracy") if steps else None,
+                         "accuracy_per_iteration": [m.get("accuracy") for m in steps],
+                         "margin_effect": sum(effects) / len(effects) if effects else None,
+                         "margin_effect_max": max((m.get("npo/margin_effect_max") or 0 for m in npo_steps), default=None),
+                         "sigma_mean": npo_steps[-1].get("sigma_mean") if npo_steps else None,
+                         "sigma_target": npo_steps[-1].get("sigma_target") if npo_steps else None})
+        return rows
+
+    @staticmethod
+    def npo_search_table(rows: list[dict]) -> str:
+        def number(value, scale=1.0, digits=3):
+            return "-" if value is None else f"{scale * value:.{digits}f}"
+
+        lines = ["| configuration | options | val. accuracy (%) | per iteration | mean margin effect | max | σ mean | "
+                 "σ at targets |", "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+            per_iteration = " → ".join(number(a, 100, 1) for a in row["accuracy_per_iteration"])
+            lines.append(f"| {row['config']} | {options} | {number(row['accuracy'], 100, 1)} | {per_iteration} | "
+                         f"{number(row['margin_effect'])} | {number(row['margin_effect_max'])} | "
+                         f"{number(row['sigma_mean'], digits=4)} | {number(row['sigma_target'], digits=4)} |")
+        return "\n".join(lines) + "\n"
 
     def search_table(self, folders: list[Path]) -> str:
         """Markdown: final validation accuracy of every searched run, arm x learning rate (per seed)."""
@@ -262,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="arm runs at once, one CPU thread each (default: one per CPU core)")
     parser.add_argument("--search-lr", help="comma-separated learning rates: run the search on validation instead")
+    parser.add_argument("--search-npo", metavar="GRID.yaml",
+                        help="NPO's search on validation: npo-only once per named configuration of the grid file")
     parser.add_argument("--search-eta", type=float, default=0.2,
                         help="experiment B's flip rate for the search (default 0.2, as in LOG.md)")
     args = parser.parse_args(argv)
@@ -277,12 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     if search_lrs and spec.get("noise"):
         spec["noise"] = {"rates": [args.search_eta]}
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
-    if search_lrs and not args.seeds:
+    npo_grid = yaml.safe_load(Path(args.search_npo).read_text(encoding="utf-8")) if args.search_npo else None
+    if (search_lrs or npo_grid) and not args.seeds:
         seeds = seeds[:1]
-    runner = Runner(spec, Path(args.runs), dry_run=args.dry_run, jobs=args.jobs, search_lrs=search_lrs)
+    runner = Runner(spec, Path(args.runs), dry_run=args.dry_run, jobs=args.jobs, search_lrs=search_lrs,
+                    npo_grid=npo_grid)
     start = time.time()
     folders = runner.run(seeds, args.only.split(",") if args.only else None, prepare_only=args.prepare_only)
-    if search_lrs and folders and not args.dry_run:
+    if npo_grid and folders and not args.dry_run:
+        rows = runner.npo_search_rows(folders)
+        table = runner.npo_search_table(rows)
+        (runner.experiment_root / "search.md").write_text(
+            f"# {spec['title']} ({spec['task']}): NPO search (npo-only), validation split, seed {seeds[0]}\n\n{table}")
+        (runner.experiment_root / "search.json").write_text(json.dumps(rows, indent=1))
+        print(table)
+    elif search_lrs and folders and not args.dry_run:
         table = runner.search_table(folders)
         (runner.experiment_root / "search.md").write_text(
             f"# {spec['title']} ({spec['task']}): learning-rate search, final validation accuracy (%)\n\n{table}")

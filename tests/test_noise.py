@@ -231,3 +231,86 @@ def test_kept_and_recomputed_paths_agree_for_a_reference_in_another_dtype(dtype)
     assert torch.isfinite(results[0][0]).all()
     for x, y in zip(*results):
         assert torch.allclose(x, y, atol=1e-5), (x, y)
+
+
+# ---------------------------------------------------------------- issue 20: the bound, fixed noise, Eq. 10
+@pytest.mark.parametrize("save_bytes", [0, None])
+def test_bounded_head_fused_paths_match_autograd(save_bytes):
+    """σ = σ_max·sigmoid(u): kernels (both the kept-blocks and the recomputing path) and plain autograd
+    give the same values and gradients, and σ never exceeds σ_max however large u grows."""
+    hidden, labels, lm_weight = _setup(B=4, T=9, d=16, V=40, seed=4)
+    upstream = torch.tensor([0.3, -1.2, 0.7, 2.0])
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(11)
+        head = NoiseHead(16, 40, sigma0=0.7, sigma_max=2.0)
+        with torch.no_grad():
+            head.weight.add_(0.5 * torch.randn_like(head.weight))
+        torch.manual_seed(5)
+        logps, sq, mean = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=5, use_checkpoint=fused,
+                                               save_bytes=save_bytes)
+        ((logps * upstream).sum() + 3.0 * sq).backward()
+        grads.append([logps.detach(), sq.detach(), mean, head.weight.grad.clone(), head.bias.grad.clone()])
+    for x, y in zip(*grads):
+        assert torch.allclose(x, y, atol=1e-5), (x, y)
+    head = NoiseHead(16, 40, sigma0=0.7, sigma_max=2.0)
+    assert torch.allclose(head(torch.randn(3, 16)), torch.full((3, 40), 0.7), atol=1e-6)
+    with torch.no_grad():
+        head.bias.fill_(50.0)
+    assert head(torch.randn(3, 16)).max() <= 2.0
+
+
+def test_bounded_head_refuses_sigma0_outside_the_bound():
+    for sigma0 in (2.0, 3.0, -1.0):
+        with pytest.raises(ValueError, match="sigma0"):
+            NoiseHead(4, 10, sigma0=sigma0, sigma_max=2.0)
+
+
+def test_noise_fixed_per_pair_is_the_same_at_every_call_and_differs_between_pairs():
+    hidden, labels, lm_weight = _setup(B=3, T=7, d=16, V=50, seed=1)
+    head = NoiseHead(16, 50, sigma0=1.0)
+    first = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, pair_seeds=[7, 8, 9])[0]
+    again = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=3, pair_seeds=[7, 8, 9])[0]
+    assert torch.allclose(first, again, atol=1e-6)  # the chunking does not change a pair's ε
+    # a pair's noise depends on its own seed only: the same rows under another seed of the others
+    other = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, pair_seeds=[7, 1, 2])[0]
+    assert torch.allclose(first[0], other[0], atol=1e-6) and not torch.allclose(first[1:], other[1:])
+    fresh = [noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4)[0] for _ in range(2)]
+    assert not torch.allclose(fresh[0], fresh[1])  # resampled at each call without seeds
+    # gradients of the fixed-noise path equal plain autograd's with the same seeds
+    grads = []
+    for fused in (True, False):
+        head.zero_grad()
+        logps, sq, _ = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, pair_seeds=[7, 8, 9],
+                                            use_checkpoint=fused, save_bytes=0)
+        (logps.sum() + sq).backward()
+        grads.append(head.bias.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_target_sigma_is_sigma_at_each_target_entry():
+    hidden, labels, lm_weight = _setup(B=2, T=6, d=16, V=30, seed=2)
+    for sigma_max in (None, 3.0):
+        head = NoiseHead(16, 30, sigma0=0.5, sigma_max=sigma_max)
+        with torch.no_grad():
+            head.weight.normal_(0, 0.3)
+        logps, sq, mean, target = noisy_sequence_logps(hidden, labels, lm_weight, head, with_target_sigma=True)
+        mask = labels != -100
+        full = head(hidden[mask])
+        assert torch.allclose(target, full.gather(1, labels[mask][:, None]).squeeze(1), atol=1e-6)
+        assert torch.allclose(mean, full.mean(), atol=1e-6) and torch.allclose(sq, full.square().mean(), atol=1e-6)
+
+
+def test_eq10_objective_is_the_noisy_minus_clean_loss_plus_the_penalty_by_hand():
+    """Hand-worked: β = 0.5, chosen ratio 1.0, policy rejected −3, noisy reference −2, clean −2.5."""
+    pc, pr, rc = torch.tensor([-1.0]), torch.tensor([-3.0], requires_grad=True), torch.tensor([-2.0])
+    noisy, clean = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.5])
+    losses, noise = npo_objective(pc, pr, rc, noisy, torch.tensor(0.2), beta=0.5, noise_penalty=0.1,
+                                  objective="eq10", clean_reference_rejected_logps=clean)
+    # M_noisy = 0.5·(1 − (−3 + 2)) = 1.0; M_clean = 0.5·(1 − (−3 + 2.5)) = 0.75
+    expected = F.softplus(torch.tensor(-1.0)) - F.softplus(torch.tensor(-0.75))
+    assert torch.allclose(losses, expected.reshape(1), atol=1e-6) and noise.item() == pytest.approx(0.02)
+    losses.sum().backward()
+    assert noisy.grad.item() != 0 and pr.grad.item() != 0  # one joint minimisation: both sides get gradient
+    with pytest.raises(ValueError, match="objective"):
+        npo_objective(pc, pr, rc, noisy, torch.tensor(0.0), beta=0.5, objective="maxmin")

@@ -111,7 +111,7 @@ class NPOKernels:
         self.path = path
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         self._forward = library.npo_forward
-        self._forward.argtypes = [size, size] + [pointer] * 10
+        self._forward.argtypes = [size, size] + [pointer] * 10 + [ctypes.c_float]
         self._forward.restype = None
         self._backward = library.npo_backward
         self._backward.argtypes = [size, size, pointer, pointer, pointer, pointer, ctypes.c_float, pointer, pointer]
@@ -152,11 +152,12 @@ class NPOKernels:
         return out
 
     def forward(self, noisy: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, eps: torch.Tensor,
-                targets: torch.Tensor):
+                targets: torch.Tensor, sigma_max: float = 0.0):
         """noisy (n, V) reference logits, u (n, V) = W_σ g without the bias, bias (V,), eps (n, V),
         targets (n,). Overwrites noisy with scratch, u with Q/2 = σ ⊙ sigmoid(u + b) and eps with
         P = ε ⊙ sigmoid(u + b) ⊙ softmax(z̃). Returns per row: target log-prob, logsumexp of z̃, Σσ²,
-        Σσ, and ε ⊙ sigmoid at the target (each (n,) float32)."""
+        Σσ, and ε ⊙ sigmoid at the target (each (n,) float32). `sigma_max` > 0: the bounded head
+        σ = sigma_max·sigmoid(u + b), whose dσ/du replaces sigmoid(u + b) ("the gate") above."""
         rows, vocab = noisy.shape
         _check(noisy, u, eps, shape=(rows, vocab))
         _check(bias, shape=(vocab,))
@@ -164,7 +165,8 @@ class NPOKernels:
         outputs = [noisy.new_empty(rows) for _ in range(5)]
         calls = [functools.partial(self._forward, part.stop - part.start, vocab, noisy[part].data_ptr(),
                                    u[part].data_ptr(), bias.data_ptr(), eps[part].data_ptr(),
-                                   targets[part].data_ptr(), *(out[part].data_ptr() for out in outputs))
+                                   targets[part].data_ptr(), *(out[part].data_ptr() for out in outputs),
+                                   float(sigma_max))
                  for part in self._parts(rows)]
         self._run(calls)
         _written(noisy, u, eps)
@@ -243,10 +245,13 @@ def loaded_kernels() -> NPOKernels | None:
     return _load() if _load.cache_info().currsize else None
 
 
-def reference_forward(noisy, u, bias, eps, targets):
+def reference_forward(noisy, u, bias, eps, targets, sigma_max: float = 0.0):
     """What `NPOKernels.forward` computes, in PyTorch ops (the self-check and the tests)."""
     pre = u + bias
     gate, sigma = torch.sigmoid(pre), torch.nn.functional.softplus(pre)
+    if sigma_max > 0:  # the bounded head: σ = σ_max·sigmoid, dσ/du = σ·(1 − sigmoid)
+        sigma = sigma_max * gate
+        gate = sigma * (1 - gate)
     z = noisy + sigma * eps
     lse = torch.logsumexp(z, -1)
     column = targets[:, None]
@@ -266,13 +271,16 @@ def _self_check(kernels: NPOKernels) -> None:
     bias = torch.randn(vocab, generator=generator)
     eps = torch.randn(rows, vocab, generator=generator)
     targets = torch.tensor([0, 36, 5, 17, 3])
-    expected = reference_forward(noisy, u, bias, eps, targets)
-    q, p = u.clone(), eps.clone()
-    got = dict(zip(("logps", "lse", "sq", "total", "gate_at_target"), kernels.forward(noisy.clone(), q, bias, p, targets)))
-    got.update(q=q, p=p)
-    for name, value in expected.items():
-        if not torch.allclose(got[name], value, rtol=1e-4, atol=1e-5):
-            raise RuntimeError(f"self-check: {name} differs from PyTorch by {(got[name] - value).abs().max():.3g}")
+    for sigma_max in (2.5, 0.0):  # the bounded head, then softplus (whose q, p the backward checks)
+        expected = reference_forward(noisy, u, bias, eps, targets, sigma_max)
+        q, p = u.clone(), eps.clone()
+        got = dict(zip(("logps", "lse", "sq", "total", "gate_at_target"),
+                       kernels.forward(noisy.clone(), q, bias, p, targets, sigma_max)))
+        got.update(q=q, p=p)
+        for name, value in expected.items():
+            if not torch.allclose(got[name], value, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"self-check: {name} differs from PyTorch by {(got[name] - value).abs().max():.3g}"
+                                   f" (sigma_max {sigma_max})")
     grad = torch.randn(rows, generator=generator)
     du = 0.3 * expected["q"] - grad[:, None] * expected["p"]
     du[torch.arange(rows), targets] += grad * expected["gate_at_target"]

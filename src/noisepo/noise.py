@@ -63,16 +63,29 @@ def inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
+def inverse_bounded(value: float, sigma_max: float) -> float:
+    """x with sigma_max·sigmoid(x) = value, for 0 < value < sigma_max."""
+    if not 0 < value < sigma_max:
+        raise ValueError(f"sigma0 must be in (0, sigma_max = {sigma_max}), got {value}")
+    return math.log(value) - math.log(sigma_max - value)
+
+
 class NoiseHead(nn.Module):
-    """σ(g) = softplus(W g + b) ∈ R^V, with W full (V × d) or low rank (V × r)(r × d).
+    """σ(g) = softplus(W g + b) ∈ R^V, with W full (V × d) or low rank (V × r)(r × d); with
+    `sigma_max` the bounded (squashed) σ(g) = σ_max·sigmoid(W g + b) ∈ (0, σ_max)^V instead: the
+    paper's constraint σ² < ε as a parametrisation (METHODS §4.2), so no penalty is needed to bound σ.
 
     Initialised so σ = σ₀ everywhere: W = 0 (for low rank the up-projection is 0 and the
-    down-projection random, so gradients reach both) and b = softplus⁻¹(σ₀).
+    down-projection random, so gradients reach both) and b = softplus⁻¹(σ₀) (bounded: logit(σ₀/σ_max)).
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, *, rank: int | None = None, sigma0: float = 0.01):
+    def __init__(self, hidden_size: int, vocab_size: int, *, rank: int | None = None, sigma0: float = 0.01,
+                 sigma_max: float | None = None):
         super().__init__()
         self.hidden_size, self.vocab_size, self.rank, self.sigma0 = hidden_size, vocab_size, rank, sigma0
+        self.sigma_max = sigma_max
+        if sigma_max is not None:
+            inverse_bounded(sigma0, sigma_max)  # refuses sigma0 outside (0, sigma_max)
         if rank is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         else:
@@ -89,7 +102,8 @@ class NoiseHead(nn.Module):
             else:
                 nn.init.normal_(self.down, std=1.0 / math.sqrt(self.hidden_size))
                 self.up.zero_()
-            self.bias.fill_(inverse_softplus(self.sigma0))
+            self.bias.fill_(inverse_softplus(self.sigma0) if self.sigma_max is None
+                            else inverse_bounded(self.sigma0, self.sigma_max))
 
     def factors(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (..., k), U (V, k)) with W g = U a: full rank a = g, U = W; low rank a = D g, U = up."""
@@ -98,23 +112,67 @@ class NoiseHead(nn.Module):
             return hidden, self.weight
         return F.linear(hidden, self.down), self.up
 
+    def sigma_of(self, u: torch.Tensor) -> torch.Tensor:
+        """σ from the pre-activation u = W g + b: softplus, or σ_max·sigmoid when bounded."""
+        return F.softplus(u) if self.sigma_max is None else self.sigma_max * torch.sigmoid(u)
+
+    @property
+    def bound(self) -> float:
+        """σ_max as the kernels take it: 0.0 for the unbounded (softplus) head."""
+        return 0.0 if self.sigma_max is None else float(self.sigma_max)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> σ (..., V), float32."""
         a, up = self.factors(hidden)
-        return F.softplus(F.linear(a, up, self.bias))
+        return self.sigma_of(F.linear(a, up, self.bias))
+
+    def target_sigma(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """σ at each position's own target token only: hidden (n, d), targets (n,) -> (n,), with
+        gradients (n × k work, no V-wide block): what `penalty_over="response_tokens"` penalises."""
+        a, up = self.factors(hidden)
+        return self.sigma_of((a * up[targets]).sum(-1) + self.bias[targets])
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden_size}, vocab={self.vocab_size}, rank={self.rank or 'full'}, sigma0={self.sigma0}"
+        bound = "" if self.sigma_max is None else f", sigma_max={self.sigma_max}"
+        return (f"hidden={self.hidden_size}, vocab={self.vocab_size}, rank={self.rank or 'full'}, "
+                f"sigma0={self.sigma0}{bound}")
 
 
-def _epsilon(seed: int, like: torch.Tensor) -> torch.Tensor:
+def _epsilon(seed, like: torch.Tensor) -> torch.Tensor:
     """ε ~ N(0, I) shaped like `like`, from a generator seeded with `seed` (redrawn in the backward):
-    on CPU in float32 the native kernels' stream when they load (native.py), else torch.randn."""
+    on CPU in float32 the native kernels' stream when they load (native.py), else torch.randn.
+    `seed` is an int (one stream for the chunk), or per-pair segments ((seed, first, count, rows), ...) in
+    the chunk's row order: rows first..first+count of that pair's own (rows, V) draw (noise fixed per pair;
+    the whole draw is made, since neither generator's values are a prefix of a longer draw's)."""
+    if isinstance(seed, tuple):
+        vocab = like.shape[-1]
+        return torch.cat([_draw(pair_seed, (rows, vocab), like)[first:first + count]
+                          for pair_seed, first, count, rows in seed])
+    return _draw(seed, like.shape, like)
+
+
+def _draw(seed: int, shape, like: torch.Tensor) -> torch.Tensor:
     kernels = _cpu_kernels(like, like, like)
     if kernels is not None:
-        return kernels.normal(seed, like.shape)
+        return kernels.normal(seed, shape)
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _sigma_in_place(u: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """σ(u) written over u: softplus (sigma_max 0) or sigma_max·sigmoid(u)."""
+    if sigma_max > 0:
+        return u.sigmoid_().mul_(sigma_max)
+    return torch.ops.aten.softplus.out(u, 1, 20, out=u)
+
+
+def _sigma_and_gate(u: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ(u), dσ/du), each a new (n, V) block: softplus and sigmoid, or σ_max·s and σ·(1 − s)."""
+    gate = torch.sigmoid(u)
+    if sigma_max > 0:
+        sigma = gate * sigma_max
+        return sigma, gate.neg_().add_(1).mul_(sigma)
+    return F.softplus(u), gate
 
 
 def _reference_logits(states, lm_weight, lm_bias, dtype: torch.dtype) -> torch.Tensor:
@@ -142,8 +200,9 @@ class _NoisyTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed, save=False):
+    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed, save=False, sigma_max=0.0):
         # Autocast off in both passes: the backward must recompute exactly the forward's numbers.
+        ctx.sigma_max = sigma_max
         with torch.autocast(device_type=states.device.type, enabled=False):
             if save:
                 return _NoisyTokenLogps._forward_saving(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed)
@@ -155,15 +214,14 @@ class _NoisyTokenLogps(torch.autograd.Function):
         ctx.seed, ctx.saved_blocks, ctx.native = seed, False, kernels is not None
         if kernels is not None:
             noisy, u, eps = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
-            logps, lse, sq, total, _ = kernels.forward(noisy, u, bias, eps, targets)
+            logps, lse, sq, total, _ = kernels.forward(noisy, u, bias, eps, targets, ctx.sigma_max)
             del noisy, u, eps
             sq, total = sq.sum(), total.sum()
             ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
             ctx.mark_non_differentiable(total)
             return logps, sq, total
         noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
-        sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
-        torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
+        sigma = _sigma_in_place(F.linear(a.to(up.dtype), up, bias), ctx.sigma_max)  # σ(u), in u's storage
         eps = _epsilon(seed, noisy)
         noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
         lse = _logsumexp_given_softmax(noisy, torch.softmax(noisy, dim=-1, out=eps))  # (n,)
@@ -184,7 +242,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         ctx.saved_blocks, ctx.native = True, kernels is not None
         if kernels is not None:
             noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
-            logps, _, sq, total, gate_at_target = kernels.forward(noisy, keep_q, bias, keep_p, targets)
+            logps, _, sq, total, gate_at_target = kernels.forward(noisy, keep_q, bias, keep_p, targets, ctx.sigma_max)
             del noisy
             total = total.sum()
             ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
@@ -193,7 +251,11 @@ class _NoisyTokenLogps(torch.autograd.Function):
         noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         gate = torch.sigmoid(sigma)  # sigmoid(u)
-        torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
+        if ctx.sigma_max > 0:  # bounded: σ = σ_max·sigmoid(u), the gate dσ/du = σ·(1 − sigmoid(u))
+            sigma.copy_(gate).mul_(ctx.sigma_max)
+            gate.neg_().add_(1).mul_(sigma)
+        else:
+            torch.ops.aten.softplus.out(sigma, 1, 20, out=sigma)  # σ = softplus(u), in u's storage
         eps = _epsilon(seed, noisy)
         noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
         sq = torch.linalg.vector_norm(sigma).square()
@@ -224,25 +286,25 @@ class _NoisyTokenLogps(torch.autograd.Function):
         states, targets, lm_weight, lm_bias, a, up, bias, lse = ctx.saved_tensors
         if ctx.native:  # recompute the kept blocks exactly as the saving forward does, then its backward
             noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, ctx.seed)
-            _, _, _, _, gate_at_target = _kernels_of_forward().forward(noisy, keep_q, bias, keep_p, targets)
+            _, _, _, _, gate_at_target = _kernels_of_forward().forward(noisy, keep_q, bias, keep_p, targets,
+                                                                       ctx.sigma_max)
             del noisy
             return _NoisyTokenLogps._backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets,
                                                      gate_at_target)
         a_dtype, a = a.dtype, a.to(up.dtype)
-        u = F.linear(a, up, bias)  # (n, V)
-        sigma = F.softplus(u)
+        sigma, gate = _sigma_and_gate(F.linear(a, up, bias), ctx.sigma_max)  # (n, V) each
         eps = _epsilon(ctx.seed, sigma)
         probs = _reference_logits(states, lm_weight, lm_bias, up.dtype).addcmul_(sigma, eps)
         probs.sub_(lse[:, None]).exp_()  # softmax(z̃)
         # d logp / d z̃ = onehot(target) − softmax, times the upstream gradient of each position
         grad_noisy = probs.mul_(-grad_logps[:, None])
         grad_noisy.scatter_add_(1, targets[:, None], grad_logps[:, None])
-        # dσ = g ⊙ ε + 2·g_sq·σ;  du = dσ ⊙ sigmoid(u)
-        grad_u = eps.mul_(grad_noisy).add_(sigma.mul_(2 * grad_sq)).mul_(u.sigmoid_())
+        # dσ = g ⊙ ε + 2·g_sq·σ;  du = dσ ⊙ dσ/du (sigmoid(u) for softplus)
+        grad_u = eps.mul_(grad_noisy).add_(sigma.mul_(2 * grad_sq)).mul_(gate)
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias, None, None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None
 
     @staticmethod
     def _backward_saved(ctx, grad_logps, grad_sq):
@@ -259,7 +321,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias, None, None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None
 
     @staticmethod
     def _backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets, gate_at_target):
@@ -270,7 +332,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_u, a_dtype, a = keep_q, a.dtype, a.to(up.dtype)
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias if ctx.needs_input_grad[6] else None, None, None
+        return None, None, None, None, grad_a, grad_up, grad_bias if ctx.needs_input_grad[6] else None, None, None, None
 
 
 def _cpu_kernels(states, up, bias):
@@ -316,7 +378,8 @@ def _logsumexp_given_softmax(logits: torch.Tensor, probs: torch.Tensor) -> torch
 
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
                          head: NoiseHead, *, lm_bias: torch.Tensor | None = None, chunk_size: int | None = None,
-                         use_checkpoint: bool = True, save_bytes: int | None = None):
+                         use_checkpoint: bool = True, save_bytes: int | None = None,
+                         pair_seeds: list[int] | None = None, with_target_sigma: bool = False):
     """Noisy reference log-probs of whole sequences.
 
     hidden: (B, T, d) reference last hidden states, already aligned so `hidden[:, t]` predicts
@@ -328,28 +391,60 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
         which stores every chunk's (n, V) blocks (for tests and tiny vocabularies).
     save_bytes: how many bytes of (n, V) blocks the fused path may keep for its backward instead of
         recomputing them (None: NOISE_SAVE_BYTES; 0: recompute every chunk).
-    Returns (logps (B,) summed over response tokens, mean σ² (scalar), mean σ (scalar)); only the
+    pair_seeds: None (ε drawn afresh each call) or one seed per sequence (B,): ε of a sequence's j-th
+        response position is the j-th row of that seed's stream (the noise fixed per pair).
+    Returns (logps (B,) summed over response tokens, mean σ² (scalar), mean σ (scalar)), and with
+    `with_target_sigma` a fourth item, σ at each response position's own target token (N,); only the
     noise head receives gradients (hidden and lm_weight are detached here).
     """
     batch = hidden.shape[0]
     mask = labels != IGNORE_INDEX  # (B, T)
     rows = mask.nonzero(as_tuple=True)[0]  # (N,) batch index of each response position
     # only response positions cost a V-wide matmul
-    token_logps, sq_sum, sigma_sum = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias,
-                                                       chunk_size=chunk_size, use_checkpoint=use_checkpoint,
-                                                       save_bytes=save_bytes)
+    out = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias, chunk_size=chunk_size,
+                            use_checkpoint=use_checkpoint, save_bytes=save_bytes,
+                            noise_keys=None if pair_seeds is None else (pair_seeds, rows),
+                            with_target_sigma=with_target_sigma)
+    token_logps, sq_sum, sigma_sum = out[:3]
     logps = token_logps.new_zeros(batch).index_add(0, rows, token_logps)
     count = max(int(rows.shape[0]) * head.vocab_size, 1)
-    return logps, sq_sum / count, sigma_sum / count
+    return (logps, sq_sum / count, sigma_sum / count, *out[3:])
+
+
+def _pair_segments(noise_keys, length: int):
+    """Per-chunk ε seeds for noise fixed per pair: a function start, stop -> ((seed, first, count, rows), ...)
+    from (pair seeds (B,), the pair of each of the N positions (N,), sorted as `nonzero` gives them)."""
+    pair_seeds, rows = noise_keys
+    rows = rows.tolist()
+    local = []  # each position's index within its own pair's response
+    for i, row in enumerate(rows):
+        local.append(local[-1] + 1 if i and rows[i - 1] == row else 0)
+    sizes: dict[int, int] = {}
+    for row in rows:
+        sizes[row] = sizes.get(row, 0) + 1
+
+    def segments(start: int, stop: int):
+        out, i = [], start
+        while i < min(stop, length):
+            j = i
+            while j + 1 < min(stop, length) and rows[j + 1] == rows[i]:
+                j += 1
+            out.append((int(pair_seeds[rows[i]]), local[i], j - i + 1, sizes[rows[i]]))
+            i = j + 1
+        return tuple(out)
+
+    return segments
 
 
 def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: torch.Tensor, head: NoiseHead, *,
                       lm_bias: torch.Tensor | None = None, chunk_size: int | None = None, use_checkpoint: bool = True,
-                      save_bytes: int | None = None):
+                      save_bytes: int | None = None, noise_keys=None, with_target_sigma: bool = False):
     """Noisy reference log-probs of single tokens: states (N, d) predicting targets (N,).
 
-    Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries); only the head gets
-    gradients. `noisy_sequence_logps` sums these per sequence (and documents the options).
+    Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries), plus σ at each target (N,)
+    with `with_target_sigma`; only the head gets gradients. `noise_keys`: None, or (one seed per pair,
+    the pair of each position (N,)) to fix ε per pair. `noisy_sequence_logps` sums these per sequence
+    (and documents the options).
     """
     states, lm_weight, targets = states.detach(), lm_weight.detach(), targets.long()
     lm_bias = None if lm_bias is None else lm_bias.detach()
@@ -362,35 +457,56 @@ def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: to
     # One draw from the global generator per call (so a seeded run is reproducible), then one
     # seed per chunk: the backward redraws a chunk's ε from it.
     seed = int(torch.randint(0, 2**62, (1,)).item())
+    segments = None if noise_keys is None else _pair_segments(noise_keys, states.shape[0])
     for index, start in enumerate(range(0, states.shape[0], chunk_size)):
         part = slice(start, start + chunk_size)
         chunk, chunk_targets = states[part], targets[part]
+        chunk_seed = seed + index if segments is None else segments(start, start + chunk_size)
         if use_checkpoint:
             a, up = head.factors(chunk)
             save = torch.is_grad_enabled() and chunk.shape[0] * block_bytes <= budget
             budget -= chunk.shape[0] * block_bytes if save else 0
             token_logps, sq, s = _NoisyTokenLogps.apply(chunk, chunk_targets, lm_weight, lm_bias, a, up, head.bias,
-                                                        seed + index, save)
+                                                        chunk_seed, save, head.bound)
         else:
-            token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, seed + index)
+            token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, chunk_seed)
         parts.append(token_logps)
         sq_sum = sq_sum + sq
         sigma_sum = sigma_sum + s
     token_logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+    if with_target_sigma:
+        return token_logps, sq_sum, sigma_sum, head.target_sigma(states, targets)
     return token_logps, sq_sum, sigma_sum
 
 
-def npo_objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                  noisy_reference_rejected_logps, sigma_sq_mean, *, beta: float, noise_penalty: float = 1.0):
-    """The two halves of NPO's min–max, as one scalar-per-pair policy loss and one noise loss.
+OBJECTIVES = ("minmax", "eq10")
 
-    M = β[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π̃_ref(y_l))], ℓ(t) = −log σ(t).
-    policy_losses (B,): ℓ(M) with the noisy reference detached (noise held fixed);
-    noise_loss (scalar): −mean ℓ(M) with the policy detached, + noise_penalty · mean(σ²).
-    Summing the two and calling backward gives each side exactly its own gradient.
+
+def npo_objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  noisy_reference_rejected_logps, sigma_sq_mean, *, beta: float, noise_penalty: float = 1.0,
+                  objective: str = "minmax", clean_reference_rejected_logps=None):
+    """The two halves of NPO's objective, as one scalar-per-pair policy loss and one noise loss.
+
+    M = β[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π̃_ref(y_l))], ℓ(t) = −log σ(t);
+    `sigma_sq_mean` is the penalised mean of σ² (over all of V, or over the target tokens).
+    objective "minmax" (METHODS §4.2, the default):
+      policy_losses (B,): ℓ(M) with the noisy reference detached (noise held fixed);
+      noise_loss (scalar): −mean ℓ(M) with the policy detached, + noise_penalty · mean(σ²).
+      Summing the two and calling backward gives each side exactly its own gradient.
+    objective "eq10" (the paper's Eq. 10 read literally: one joint minimisation over θ and θ_σ):
+      policy_losses (B,): ℓ(M_noisy) − ℓ(M_clean), nothing detached (both players get its gradient);
+      noise_loss (scalar): noise_penalty · mean(σ²). Needs `clean_reference_rejected_logps`.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     chosen_ratio = policy_chosen_logps - reference_chosen_logps
     noisy_rejected = noisy_reference_rejected_logps
+    if objective == "eq10":
+        if clean_reference_rejected_logps is None:
+            raise ValueError("objective 'eq10' needs the clean reference's rejected log-probs")
+        noisy_margin = beta * (chosen_ratio - (policy_rejected_logps - noisy_rejected))
+        clean_margin = beta * (chosen_ratio - (policy_rejected_logps - clean_reference_rejected_logps))
+        return -F.logsigmoid(noisy_margin) + F.logsigmoid(clean_margin), noise_penalty * sigma_sq_mean
     margin_for_policy = beta * (chosen_ratio - (policy_rejected_logps - noisy_rejected.detach()))
     margin_for_noise = beta * (chosen_ratio.detach() - (policy_rejected_logps.detach() - noisy_rejected))
     policy_losses = -F.logsigmoid(margin_for_policy)

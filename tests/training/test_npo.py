@@ -49,8 +49,8 @@ def test_policy_loss_reaches_only_the_policy_and_noise_loss_only_the_head(micro_
     batch = tr.data_collator(tr.train_dataset)
     model.train()
     pc, pr = tr.policy_logps(model, batch)
-    rc, noisy, sq, _ = tr.noisy_reference_logps(batch)
-    policy_losses, noise_loss = npo_objective(pc.sum, pr.sum, rc.sum, noisy.sum, sq, beta=0.5)
+    ref = tr.noisy_reference_logps(batch)
+    policy_losses, noise_loss = npo_objective(pc.sum, pr.sum, ref.chosen.sum, ref.rejected, ref.penalised_sq, beta=0.5)
 
     policy_losses.mean().backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in tr.noise_head.parameters())
@@ -223,3 +223,93 @@ def test_sigma_grows_when_the_loss_is_not_saturated_and_stalls_when_the_margin_i
     assert small_margin > 0.05  # grows well above σ₀ = 0.01
     assert small_margin_penalised > 0.01  # α_σ = 1 with the mean over V: the penalty is weak per entry
     assert large_margin < 0.01  # saturated loss: nothing pushes σ up, the penalty shrinks it
+
+
+# ---------------------------------------------------------------- issue 20: the noise's effect, logged
+def _logged_npo(tr) -> dict:
+    return next(h for h in tr.state.log_history if "npo/margin_effect" in h)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_margin_effect_and_moved_weights_read_zero_without_noise_and_clearly_nonzero_at_sigma_1(
+        micro_model_dir, tokenizer, tmp_path, cache):
+    """The diagnostics of issue 20 on a toy: |M_noisy − M_clean|, the share of pairs whose DPO weight
+    σ(−M) moves by > 10 %, σ at the rejected tokens and the gradient norms of the head's two terms."""
+    pairs = make_pairs(tokenizer)
+    silent = npo(load(micro_model_dir), tmp_path / "zero", pairs, tokenizer, cache_reference_states=cache)
+    with torch.no_grad():
+        silent.noise_head.bias.fill_(-1e4)  # σ ≡ 0
+    silent.train()
+    zero = _logged_npo(silent)
+    # (the noisy path recomputes the clean log-probs the reference column holds: float rounding apart)
+    assert zero["npo/margin_effect"] < 1e-5 and zero["npo/margin_effect_max"] < 1e-5
+    assert zero["npo/weight_moved"] == 0.0 and zero["npo/sigma_target"] == 0.0
+    assert zero["npo/grad_norm_penalty"] == 0.0
+
+    loud = npo(load(micro_model_dir), tmp_path / "one", pairs, tokenizer, sigma0=1.0, cache_reference_states=cache)
+    loud.train()
+    one = _logged_npo(loud)
+    assert one["npo/margin_effect"] > 0.05 and one["npo/margin_effect_max"] >= one["npo/margin_effect"]
+    assert one["npo/weight_moved"] > 0 and one["npo/sigma_target"] == pytest.approx(1.0, rel=1e-3)
+    assert one["npo/grad_norm_loss"] > 0 and one["npo/grad_norm_penalty"] > 0
+    summary = loud.npo_summary()
+    assert summary["margin_effect"] == pytest.approx(one["npo/margin_effect"], rel=1e-5)
+
+
+def test_bounded_head_moves_within_its_bound_and_its_penalty_term_is_zero(
+        micro_model_dir, tokenizer, tmp_path):
+    tr = npo(load(micro_model_dir), tmp_path, make_pairs(tokenizer), tokenizer, sigma0=0.5, sigma_max=1.0,
+             constraint="bound", noise_lr=0.5, training=dict(max_steps=6, optim="adamw_torch"))
+    tr.train()
+    logged = [h for h in tr.state.log_history if "npo/sigma_mean" in h]
+    assert logged[-1]["npo/sigma_target"] != pytest.approx(0.5, abs=1e-3)  # the head moved ...
+    assert 0 < logged[-1]["npo/sigma_target"] <= 1.0 and 0 < logged[-1]["npo/sigma_mean"] <= 1.0  # ... inside it
+    assert all(h["npo/grad_norm_penalty"] == 0.0 for h in logged)  # constraint "bound": α_σ ignored
+
+
+def test_alternating_schedule_steps_the_head_on_its_own_k_times_per_policy_step(micro_model_dir, tokenizer,
+                                                                               tmp_path):
+    pairs = make_pairs(tokenizer)
+    policy_start = load(micro_model_dir)
+    tr = npo(load(micro_model_dir), tmp_path, pairs, tokenizer, sigma0=0.5, sigma_max=1.0, constraint="bound",
+             schedule="alternating", head_steps=3, noise_lr=0.1, training=dict(max_steps=2, save_strategy="steps",
+                                                                                save_steps=1))
+    bias_before = tr.noise_head.bias.detach().clone()
+    tr.train()
+    assert not any(g.get("noise_head") for g in tr.optimizer.param_groups)  # the head has its own optimizer
+    assert tr.head_optimizer is not None
+    assert tr.head_optimizer.state[tr.noise_head.bias]["step"].item() == 6  # 3 head steps × 2 policy steps
+    assert not torch.equal(tr.noise_head.bias, bias_before)
+    assert any(not torch.equal(a, b) for a, b in zip(tr.model.parameters(), policy_start.parameters()))
+    from safetensors.torch import load_file
+
+    from noisepo.training.npo import NOISE_OPTIMIZER_FILE
+
+    saved = load_file(str(tmp_path / "out" / "checkpoint-1" / NOISE_OPTIMIZER_FILE))
+    assert {"bias.exp_avg", "bias.exp_avg_sq", "bias.step"} <= set(saved)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(constraint="box"), "constraint"), (dict(constraint="bound"), "sigma_max"),
+    (dict(constraint="bound", sigma0=1.0, sigma_max=1.0), "sigma_max"), (dict(head_steps=0), "head_steps"),
+    (dict(schedule="sometimes"), "schedule"), (dict(resample="never"), "resample"),
+    (dict(objective="eq10", schedule="alternating"), "eq10"), (dict(penalty_over="all"), "penalty_over")])
+def test_the_trainer_refuses_bad_npo_options(micro_model_dir, tokenizer, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        npo(load(micro_model_dir), tmp_path, make_pairs(tokenizer), tokenizer, **options)
+
+
+@pytest.mark.parametrize("objective", ["minmax", "eq10"])
+def test_fixed_noise_per_pair_and_eq10_train_and_log(micro_model_dir, tokenizer, tmp_path, objective):
+    tr = npo(load(micro_model_dir), tmp_path, make_pairs(tokenizer), tokenizer, sigma0=1.0, sigma_max=2.0,
+             constraint="both", noise_penalty=0.1, resample="pair_epoch", objective=objective,
+             training=dict(max_steps=2, per_device_train_batch_size=4))
+    batch = tr.data_collator(tr.train_dataset[:4])
+    tr.model.train()
+    first, again = (tr.noisy_reference_logps(batch).rejected.detach() for _ in range(2))
+    assert torch.equal(first, again)  # the same pair, the same epoch: the same noise
+    tr.state.epoch = 1.0
+    assert not torch.equal(first, tr.noisy_reference_logps(batch).rejected.detach())  # a new epoch redraws
+    tr.state.epoch = 0.0
+    tr.train()
+    assert _logged_npo(tr)["npo/margin_effect"] > 0

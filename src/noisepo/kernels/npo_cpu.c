@@ -27,12 +27,15 @@ static inline float log1p_unit(float e)
 }
 
 /* In: z (n, V) reference logits, u (n, V) = W_σ g without the bias, bias (V), eps (n, V) = ε,
-   targets (n) in [0, V). Out, in place: z <- exp(z̃ − max) (scratch), u <- Q/2 = σ ⊙ sigmoid(u),
-   eps <- P = ε ⊙ sigmoid(u) ⊙ softmax(z̃); per row: the noisy log-prob of the target, the
-   logsumexp of z̃, Σσ², Σσ, and (ε ⊙ sigmoid(u)) at the target. */
+   targets (n) in [0, V), sigma_max (0: σ = softplus(u); > 0: the bounded σ = sigma_max·sigmoid(u)).
+   Out, in place: z <- exp(z̃ − max) (scratch), u <- Q/2 = σ ⊙ σ'(u), eps <- P = ε ⊙ σ'(u) ⊙ softmax(z̃),
+   σ' = dσ/du (the "gate": sigmoid(u) for softplus, σ·(1 − sigmoid(u)) bounded); per row: the noisy
+   log-prob of the target, the logsumexp of z̃, Σσ², Σσ, and (ε ⊙ σ'(u)) at the target. */
 void npo_forward(int64_t rows, int64_t V, float *z, float *u, const float *bias, float *eps,
-                 const int64_t *targets, float *logps, float *lse, float *sq, float *total, float *gate_at_target)
+                 const int64_t *targets, float *logps, float *lse, float *sq, float *total, float *gate_at_target,
+                 float sigma_max)
 {
+    const int bounded = sigma_max > 0.0f;
     for (int64_t i = 0; i < rows; i++) {
         float *zr = z + i * V, *ur = u + i * V, *er = eps + i * V;
         int64_t t = targets[i];
@@ -44,6 +47,10 @@ void npo_forward(int64_t rows, int64_t V, float *z, float *u, const float *bias,
             float r = 1.0f / (1.0f + e);
             float gate = x >= 0.0f ? r : e * r;                             /* sigmoid(x) */
             float sigma = x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);  /* softplus, torch's threshold */
+            if (bounded) {                                  /* σ = σ_max·s, dσ/du = σ·(1 − s), s = sigmoid(x) */
+                sigma = sigma_max * gate;
+                gate = sigma * (1.0f - gate);
+            }
             float noisy = zr[j] + sigma * er[j];
             zr[j] = noisy;
             sum_sq += sigma * sigma;

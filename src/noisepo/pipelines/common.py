@@ -78,6 +78,8 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     result = trainer.train()
     metrics = final_metrics(trainer, result, pairs=len(pairs))
     metrics["log_history"] = trainer.state.log_history
+    if hasattr(trainer, "npo_summary"):  # NPO: how much the noise moved the margin over the whole training
+        metrics["npo"] = trainer.npo_summary()
     save_trained_atomically(trainer, tokenizer, output / "model")
     if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)

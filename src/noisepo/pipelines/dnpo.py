@@ -174,7 +174,10 @@ class DNPORun:
             trainer_cls = NPOTrainer
             trainer_kwargs = dict(noise_rank=c.npo.rank, sigma0=c.npo.sigma0, noise_penalty=c.npo.noise_penalty,
                                   noise_lr=c.npo.learning_rate, noise_chunk_size=c.npo.chunk_size,
-                                  cache_reference_states={"cache": True, "forward": False}.get(c.npo.reference_states, "auto"))
+                                  cache_reference_states={"cache": True, "forward": False}.get(c.npo.reference_states, "auto"),
+                                  constraint=c.npo.constraint, sigma_max=c.npo.sigma_max, penalty_over=c.npo.penalty_over,
+                                  schedule=c.npo.schedule, head_steps=c.npo.head_steps, resample=c.npo.resample,
+                                  objective=c.npo.objective)
         if distributed.is_main():
             shutil.rmtree(output / "model.partial", ignore_errors=True)
         loss = LossOptions(c.loss_of(k), beta=c.beta, alpha=c.robust.alpha)
@@ -197,7 +200,10 @@ class DNPORun:
                 "loss": loss.loss, **({"filter": filtered} if filtered is not None else {}),
                 "train_loss": metrics.get("train_loss"), "rewards/margins": metrics.get("rewards/margins"),
                 "sigma_mean": last_logged(history, "npo/sigma_mean"),
-                "noise_loss": last_logged(history, "npo/noise_loss"), "init_model": self.policy(k)}
+                "sigma_target": last_logged(history, "npo/sigma_target"),
+                "noise_loss": last_logged(history, "npo/noise_loss"),
+                **{f"npo/{key}": value for key, value in metrics.get("npo", {}).items()},
+                "init_model": self.policy(k)}
 
     def filter_pairs(self, k: int, records: list[dict], fit) -> tuple[list[dict], dict]:
         """ROPO's filter on iteration k's pairs (METHODS §5.1 steps 1-3, `--robust.rho`): train on every
@@ -310,6 +316,9 @@ class DNPORun:
             "mean_model_score": pairs.get("mean_model_score"),
             "trained_pairs": train.get("pairs"),
             "sigma_mean": train.get("sigma_mean"),
+            "sigma_target": train.get("sigma_target"),
+            "npo/margin_effect": train.get("npo/margin_effect"),
+            "npo/margin_effect_max": train.get("npo/margin_effect_max"),
             "noise_loss": train.get("noise_loss"),
             "loss": train.get("loss"),
             "filter": train.get("filter"),

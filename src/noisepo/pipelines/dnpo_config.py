@@ -39,8 +39,31 @@ class NPOOptions:
 
     enabled: bool = option(True, "Train with a noisy reference on the rejected side from iteration 1 on "
                                  "(off: the plain DPO/SPIN loss).")
-    sigma0: float = option(0.01, "σ₀: the noise scale a fresh head starts from (W = 0, b = softplus⁻¹(σ₀)).")
-    noise_penalty: float = option(1.0, "α_σ: weight of mean(σ²) in the noise head's loss.")
+    sigma0: float = option(0.01, "σ₀: the noise scale a fresh head starts from (W = 0, b = softplus⁻¹(σ₀); "
+                                 "bounded: logit(σ₀/σ_max)). Not given by the paper.")
+    noise_penalty: float = option(1.0, "α_σ: weight of mean(σ²) in the noise head's loss (constraint penalty or "
+                                       "both; ignored with bound). Not given by the paper.")
+    constraint: Literal["penalty", "bound", "both"] = option(
+        "penalty", "How σ is kept small: penalty: α_σ·mean(σ²) in the head's loss, σ = softplus(·) unbounded; "
+                   "bound: the paper's σ² < ε as σ = σ_max·sigmoid(·) ∈ (0, σ_max), no penalty; both: the bound "
+                   "and the penalty.")
+    sigma_max: float | None = option(None, "σ_max of the bound (constraint bound or both; must exceed sigma0). "
+                                           "The paper's ε is σ_max²; it gives no value.")
+    penalty_over: Literal["vocab", "response_tokens"] = option(
+        "vocab", "What the penalty's mean(σ²) averages over: vocab: every entry of V at every rejected position "
+                 "(the paper's mean σ²); response_tokens: σ at the rejected response's own tokens only.")
+    schedule: Literal["joint", "alternating"] = option(
+        "joint", "joint: one backward trains the policy and the head together (each on its own part); "
+                 "alternating: head_steps updates of the head alone (its own AdamW) before each policy step, as "
+                 "the paper's Fig. 3 caption describes.")
+    head_steps: int = option(1, "k: head updates per policy step with schedule alternating (k >= 1).")
+    resample: Literal["step", "pair_epoch"] = option(
+        "step", "step: ε drawn afresh at every step; pair_epoch: ε fixed per pair within an epoch (a seed from "
+                "the pair's tokens, the run's seed and the epoch).")
+    objective: Literal["minmax", "eq10"] = option(
+        "minmax", "minmax: the policy minimises ℓ(M) with the noise held fixed, the head maximises it under the "
+                  "constraint (METHODS §4.2); eq10: the paper's Eq. 10 read literally, one joint minimisation over "
+                  "policy and head of ℓ(M_noisy) − ℓ(M_clean) + α_σ·mean(σ²) (schedule joint only).")
     rank: int | None = option(None, "Rank of the head's W (null: full d × V, as in the paper; r: a cheaper "
                                     "low-rank head with r·(d + V) weights).")
     learning_rate: float | None = option(None, "The noise head's learning rate (null: the policy's).")
@@ -56,6 +79,22 @@ class NPOOptions:
     def __post_init__(self):
         check(self.sigma0 > 0, "sigma0", f"must be > 0, got {self.sigma0}")
         check(self.noise_penalty >= 0, "noise_penalty", f"must be >= 0, got {self.noise_penalty}")
+        check(self.constraint in ("penalty", "bound", "both"), "constraint",
+              f"must be one of penalty, bound, both; got {self.constraint!r}")
+        if self.constraint in ("bound", "both"):
+            check(self.sigma_max is not None, "sigma_max", f"is required with constraint {self.constraint} "
+                                                           f"(a value > sigma0 = {self.sigma0})")
+            check(self.sigma_max > self.sigma0, "sigma_max", f"must be > sigma0 = {self.sigma0}, got {self.sigma_max}")
+        check(self.sigma_max is None or self.sigma_max > 0, "sigma_max", f"must be > 0 or null, got {self.sigma_max}")
+        check(self.penalty_over in ("vocab", "response_tokens"), "penalty_over",
+              f"must be one of vocab, response_tokens; got {self.penalty_over!r}")
+        check(self.schedule in ("joint", "alternating"), "schedule",
+              f"must be one of joint, alternating; got {self.schedule!r}")
+        check(self.head_steps >= 1, "head_steps", f"must be >= 1, got {self.head_steps}")
+        check(self.resample in ("step", "pair_epoch"), "resample", f"must be one of step, pair_epoch; got {self.resample!r}")
+        check(self.objective in ("minmax", "eq10"), "objective", f"must be one of minmax, eq10; got {self.objective!r}")
+        check(not (self.objective == "eq10" and self.schedule != "joint"), "objective",
+              "eq10 is one joint minimisation: use it with schedule joint")
         check(self.rank is None or self.rank >= 1, "rank", f"must be >= 1 or null, got {self.rank}")
         check(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be > 0 or null")
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "must be >= 1 or null")

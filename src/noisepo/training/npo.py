@@ -31,8 +31,11 @@ default, "auto", caches them when they fit 1 GiB of host memory (`CACHE_STATES_B
 from __future__ import annotations
 
 import os
+import zlib
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from noisepo.logprobs import (
@@ -48,6 +51,13 @@ from noisepo.training.collate import REFERENCE_COLUMNS
 from noisepo.training.preference import PreferenceTrainer
 
 NOISE_HEAD_FILE = "noise_head.safetensors"
+NOISE_OPTIMIZER_FILE = "noise_head_optimizer.safetensors"  # the head's own AdamW (schedule "alternating")
+CONSTRAINTS = ("penalty", "bound", "both")
+PENALTY_OVER = ("vocab", "response_tokens")
+SCHEDULES = ("joint", "alternating")
+RESAMPLE = ("step", "pair_epoch")
+# A pair's DPO weight σ(−M) "moves" when the noise changes it by more than this fraction (npo/weight_moved).
+WEIGHT_MOVED_FRACTION = 0.1
 STATES_COLUMN = "reference_rejected_states"
 # `cache_reference_states="auto"` caches when the states take at most this much host memory: the
 # cache then replaces a whole reference model and its forward every step with a lookup (small models and
@@ -82,9 +92,31 @@ class NPOTrainer(PreferenceTrainer):
 
     def __init__(self, model, args, train_dataset, *, noise_rank: int | None = None, sigma0: float = 0.01,
                  noise_penalty: float = 1.0, noise_lr: float | None = None, noise_chunk_size: int | None = None,
-                 cache_reference_states: bool | str = "auto", **kwargs):
+                 cache_reference_states: bool | str = "auto", constraint: str = "penalty",
+                 sigma_max: float | None = None, penalty_over: str = "vocab", schedule: str = "joint",
+                 head_steps: int = 1, resample: str = "step", objective: str = "minmax",
+                 grad_norm_every: int | None = None, **kwargs):
         if kwargs.get("loss", "dpo") != "dpo":
             raise ValueError(f"NPO is defined on the DPO loss (METHODS §4.2), got loss={kwargs['loss']!r}")
+        from noisepo.noise import OBJECTIVES
+
+        for name, value, allowed in (("constraint", constraint, CONSTRAINTS), ("penalty_over", penalty_over, PENALTY_OVER),
+                                     ("schedule", schedule, SCHEDULES), ("resample", resample, RESAMPLE),
+                                     ("objective", objective, OBJECTIVES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if constraint in ("bound", "both") and (sigma_max is None or sigma_max <= sigma0):
+            raise ValueError(f"constraint {constraint!r} needs sigma_max > sigma0 ({sigma0}), got {sigma_max}")
+        if head_steps < 1:
+            raise ValueError(f"head_steps must be >= 1, got {head_steps}")
+        if objective == "eq10" and schedule != "joint":
+            raise ValueError("objective 'eq10' is one joint minimisation: it needs schedule 'joint'")
+        # The penalty weight acts only where the constraint includes the penalty.
+        self.constraint, self.penalty_over, self.schedule = constraint, penalty_over, schedule
+        self.head_steps, self.resample, self.objective = head_steps, resample, objective
+        self.grad_norm_every = grad_norm_every  # None: every logging step
+        self.head_optimizer = None
+        self._step_effects: list = []  # (mean |M_noisy − M_clean|, max) per micro-batch, for npo_summary
         if cache_reference_states == "auto":
             # The cached states are the initial policy's, so a separate `ref_model` is never cached.
             size = reference_states_bytes(train_dataset, model)
@@ -97,7 +129,7 @@ class NPOTrainer(PreferenceTrainer):
             raise ValueError("cache_reference_states needs reference='precompute' (the chosen side's column)")
         if kwargs.get("padding_free"):
             raise ValueError("NPO needs padded rows (its reference forward reads the rejected half of the batch)")
-        self.noise_penalty = noise_penalty
+        self.noise_penalty = 0.0 if constraint == "bound" else noise_penalty
         self.noise_lr = noise_lr
         self.noise_chunk_size = noise_chunk_size
         self.cache_reference_states = cache_reference_states
@@ -124,7 +156,8 @@ class NPOTrainer(PreferenceTrainer):
             self.reference_lm_head = (head.weight.detach().clone(),
                                       None if head.bias is None else head.bias.detach().clone())
             self.data_collator = _WithStates(self.data_collator)
-        self.noise_head = NoiseHead(config.hidden_size, head.weight.shape[0], rank=noise_rank, sigma0=sigma0)
+        self.noise_head = NoiseHead(config.hidden_size, head.weight.shape[0], rank=noise_rank, sigma0=sigma0,
+                                    sigma_max=sigma_max if constraint in ("bound", "both") else None)
         self.noise_head.to(self.args.device)
         self.noisy_reference = distribute_noise_head(_NoisyReference(self.noise_head), self.accelerator)
         self.add_callback(_ZeroNoiseGrad(self.noise_head))
@@ -134,35 +167,138 @@ class NPOTrainer(PreferenceTrainer):
         if not model.training:  # evaluation: the clean DPO loss against the clean reference
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         policy_chosen, policy_rejected = self.policy_logps(model, inputs)  # (B,) each
-        reference_chosen, noisy_rejected, sigma_sq, sigma_mean = self.noisy_reference_logps(inputs)
-        policy_losses, noise_loss = npo_objective(
-            policy_chosen.sum, policy_rejected.sum, reference_chosen.sum, noisy_rejected.sum, sigma_sq,
-            beta=self.beta, noise_penalty=self.noise_penalty)
+        if self.schedule == "alternating":  # k head steps against the policy as it is, then its step
+            for _ in range(self.head_steps):
+                self._head_step(inputs, policy_chosen, policy_rejected)
+            with torch.no_grad():
+                noisy = self.noisy_reference_logps(inputs)
+        else:
+            noisy = self.noisy_reference_logps(inputs)
+        policy_losses, noise_loss = self._objective(policy_chosen, policy_rejected, noisy)
         weights = inputs["weight"]
-        # The noise loss is a mean over this micro-batch: give it this micro-batch's share of the
-        # step, so gradient accumulation sums it to the step's mean (as `weighted_loss` does).
-        share = 1.0 if num_items_in_batch is None else (
-            weights.sum() * self.accelerator.num_processes / num_items_in_batch.clamp(min=1e-12))
-        # The returned value is the policy's loss (what `loss` in the logs means, as for DPO); the
-        # noise loss only adds its gradient here and is logged on its own as npo/noise_loss.
-        noise_term = noise_loss - noise_loss.detach()  # value 0, gradient of noise_loss
-        loss = self.weighted_loss(policy_losses, weights, num_items_in_batch) + share * noise_term
-        self.store_metrics(policy_chosen, policy_rejected, reference_chosen, noisy_rejected.detach())
-        self._metrics["train"]["npo/sigma_mean"].append(sigma_mean.detach().float())
-        self._metrics["train"]["npo/noise_loss"].append(noise_loss.detach().float())
+        loss = self.weighted_loss(policy_losses, weights, num_items_in_batch)
+        if self.schedule == "joint":
+            # The noise loss is a mean over this micro-batch: give it this micro-batch's share of the
+            # step, so gradient accumulation sums it to the step's mean (as `weighted_loss` does).
+            share = 1.0 if num_items_in_batch is None else (
+                weights.sum() * self.accelerator.num_processes / num_items_in_batch.clamp(min=1e-12))
+            # The returned value is the policy's loss (what `loss` in the logs means, as for DPO); the
+            # noise loss only adds its gradient here and is logged on its own as npo/noise_loss.
+            noise_term = noise_loss - noise_loss.detach()  # value 0, gradient of noise_loss
+            loss = loss + share * noise_term
+        self.store_metrics(policy_chosen, policy_rejected, noisy.chosen, noisy.rejected_logps.detach())
+        self.store_noise_metrics(policy_chosen, policy_rejected, noisy, noise_loss)
         return (loss, {"losses": policy_losses.detach()}) if return_outputs else loss
+
+    def _objective(self, policy_chosen, policy_rejected, noisy: NoisyReference):
+        return npo_objective(policy_chosen.sum, policy_rejected.sum, noisy.chosen.sum, noisy.rejected,
+                             noisy.penalised_sq, beta=self.beta, noise_penalty=self.noise_penalty,
+                             objective=self.objective, clean_reference_rejected_logps=noisy.clean_rejected.sum)
+
+    def _head_step(self, inputs, policy_chosen, policy_rejected) -> None:
+        """One update of the noise head alone (schedule "alternating"), against the policy detached."""
+        if self.head_optimizer is None:
+            self.head_optimizer = torch.optim.AdamW(self.noise_head.parameters(), lr=self._head_lr(), weight_decay=0.0)
+        for group in self.head_optimizer.param_groups:  # the policy's schedule, at the head's rate
+            group["lr"] = self._head_lr() * self._schedule_factor()
+        noisy = self.noisy_reference_logps(inputs)
+        detached = [SequenceLogps(x.sum.detach(), x.count) for x in (policy_chosen, policy_rejected)]
+        _, noise_loss = self._objective(*detached, noisy)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        noise_loss.backward()
+        self.head_optimizer.step()
+        self.head_optimizer.zero_grad(set_to_none=True)
+
+    def _head_lr(self) -> float:
+        return self.noise_lr or self.args.learning_rate
+
+    def _schedule_factor(self) -> float:
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is None or not self.args.learning_rate:
+            return 1.0
+        return scheduler.get_last_lr()[0] / self.args.learning_rate
+
+    def store_noise_metrics(self, policy_chosen, policy_rejected, noisy: NoisyReference, noise_loss) -> None:
+        """What the noise does to this micro-batch (issue 20): how far it moves the margin and the DPO
+        weights, σ at the rejected tokens beside σ over V, and (every logging step) the gradient norms
+        of the head's two terms."""
+        effect = (self.beta * (noisy.rejected.detach() - noisy.clean_rejected.sum)).float()  # M_noisy − M_clean
+        noisy_margin = self.beta * ((policy_chosen.sum - noisy.chosen.sum) - (policy_rejected.sum - noisy.rejected)).detach()
+        weight_noisy, weight_clean = torch.sigmoid(-noisy_margin), torch.sigmoid(-(noisy_margin - effect))
+        moved = ((weight_noisy - weight_clean).abs() > WEIGHT_MOVED_FRACTION * weight_clean).float()
+        metrics = self._metrics["train"]
+        metrics["npo/margin_effect"].append(effect.abs().mean())
+        metrics["npo/margin_effect_max"].append(effect.abs().max() if effect.numel() else effect.new_zeros(()))
+        metrics["npo/weight_moved"].append(moved.mean())
+        metrics["npo/sigma_mean"].append(noisy.sigma_mean.detach().float())
+        metrics["npo/sigma_target"].append(noisy.target_sigma.detach().float().mean()
+                                           if noisy.target_sigma.numel() else noisy.sigma_mean.new_zeros(()))
+        metrics["npo/noise_loss"].append(noise_loss.detach().float())
+        self._step_effects.append(torch.stack([effect.abs().mean(), metrics["npo/margin_effect_max"][-1]]).detach())
+        every = self.grad_norm_every or self.args.logging_steps
+        if every and self.state.global_step % every == 0 and noisy.replay is not None:
+            loss_norm, penalty_norm = self.head_term_grad_norms(policy_chosen, policy_rejected, noisy)
+            metrics["npo/grad_norm_loss"].append(loss_norm)
+            metrics["npo/grad_norm_penalty"].append(penalty_norm)
+
+    def head_term_grad_norms(self, policy_chosen, policy_rejected, noisy: NoisyReference):
+        """Gradient norms over the head's parameters of its two terms, the −ℓ(M) part (eq10: the
+        ℓ(M_noisy) part) and the α_σ·penalty part, from a separate pass on the bare head (recomputing
+        chunks, on an independent draw of ε; the global RNG is left as it was)."""
+        fn, args, kwargs = noisy.replay
+        params = [p for p in self.noise_head.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            out = fn(*args, self.noise_head, **{**kwargs, "save_bytes": 0, "with_target_sigma": True})
+            rejected, sq_sum_or_mean, target = out[0], out[1], out[3]
+            if noisy.per_token:  # token logps from cached states: sum per pair and take means
+                rejected = rejected.new_zeros(noisy.rows_count).index_add(0, noisy.rows, rejected)
+                sq_mean = sq_sum_or_mean / max(int(noisy.rows.shape[0]) * self.noise_head.vocab_size, 1)
+            else:
+                sq_mean = sq_sum_or_mean
+            penalised = sq_mean if self.penalty_over == "vocab" else target.square().mean()
+            ratio = policy_chosen.sum.detach() - noisy.chosen.sum
+            margin = self.beta * (ratio - (policy_rejected.sum.detach() - rejected))
+            loss_term = F.logsigmoid(margin).mean() if self.objective == "minmax" else -F.logsigmoid(margin).mean()
+            norms = []
+            for term in (loss_term, self.noise_penalty * penalised):
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True) \
+                    if term.requires_grad else [None] * len(params)
+                norms.append(torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None),
+                                            torch.zeros((), device=margin.device))))
+        return norms[0].detach(), norms[1].detach()
+
+    def npo_summary(self) -> dict:
+        """Over every training micro-batch: mean and max of |M_noisy − M_clean| (the issue's bar: the
+        noise acts when the mean is clearly non-zero)."""
+        if not self._step_effects:
+            return {}
+        effects = torch.stack(self._step_effects).float()
+        return {"margin_effect": float(effects[:, 0].mean()), "margin_effect_max": float(effects[:, 1].max()),
+                "micro_batches": int(effects.shape[0])}
 
     def reference_logps(self, inputs) -> tuple[SequenceLogps, SequenceLogps]:
         """The hook of PreferenceTrainer: (clean chosen, noisy rejected) in training, clean otherwise."""
         if not self.model.training:
             return super().reference_logps(inputs)
-        chosen, rejected, _, _ = self.noisy_reference_logps(inputs)
-        return chosen, rejected
+        noisy = self.noisy_reference_logps(inputs)
+        return noisy.chosen, noisy.rejected_logps
 
-    def noisy_reference_logps(self, inputs):
-        """-> (reference chosen SequenceLogps (B,), noisy reference rejected SequenceLogps (B,) with a
-        graph to the noise head only, mean σ², mean σ). One no-grad reference forward on the rejected
-        half (on both halves when the chosen column is not precomputed)."""
+    def pair_seeds(self, inputs) -> list[int] | None:
+        """resample "pair_epoch": one ε seed per pair, from its rejected tokens, the run's seed and the
+        epoch, so a pair sees the same noise at every step of an epoch (None: ε afresh each step)."""
+        if self.resample != "pair_epoch":
+            return None
+        half = inputs["input_ids"].shape[0] // 2
+        epoch = int(self.state.epoch or 0)
+        ids, mask = inputs["input_ids"][half:].cpu(), inputs["attention_mask"][half:].cpu().bool()
+        salt = (self.args.seed * 0x9E3779B1) & 0xFFFFFFFF
+        return [((zlib.crc32(row[keep].numpy().tobytes()) ^ salt) << 20) | (epoch & 0xFFFFF)
+                for row, keep in zip(ids, mask)]
+
+    def noisy_reference_logps(self, inputs) -> NoisyReference:
+        """The reference's side of an NPO step: clean chosen, noisy rejected (with a graph to the noise
+        head only), clean rejected, and σ's statistics. One no-grad reference forward on the rejected
+        half (on both halves when the reference columns are not precomputed)."""
         labels = inputs["labels"]  # (2B, T)
         half = labels.shape[0] // 2
         precomputed = all(column in inputs for column in REFERENCE_COLUMNS)
@@ -179,16 +315,29 @@ class NPOTrainer(PreferenceTrainer):
             if precomputed:
                 counts = response_counts(labels[:half])
                 chosen = SequenceLogps(inputs["reference_chosen_logps"], counts)
+                clean_rejected = SequenceLogps(inputs["reference_rejected_logps"], response_counts(labels[half:]))
             else:
                 chosen = sequence_logps_from_hidden(hidden[:half], weight, labels[:half], bias=bias,
                                                     chunk_size=self.chunk_size)
                 hidden = hidden[half:]
+                clean_rejected = sequence_logps_from_hidden(hidden, weight, labels[half:], bias=bias,
+                                                            chunk_size=self.chunk_size)
         rejected_labels = labels[half:]
         # hidden[:, t] predicts label t+1: align them as noisy_sequence_logps expects.
-        logps, sigma_sq, sigma_mean = self.noisy_reference(
-            noisy_sequence_logps, hidden[:, :-1], rejected_labels[:, 1:], weight, lm_bias=bias,
-            chunk_size=self.noise_chunk_size)
-        return chosen, SequenceLogps(logps, response_counts(rejected_labels)), sigma_sq, sigma_mean
+        args = (hidden[:, :-1], rejected_labels[:, 1:], weight)
+        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size, pair_seeds=self.pair_seeds(inputs))
+        logps, sigma_sq, sigma_mean, target_sigma = self.noisy_reference(
+            noisy_sequence_logps, *args, with_target_sigma=True, **kwargs)
+        return NoisyReference(chosen, logps, SequenceLogps(logps, response_counts(rejected_labels)), clean_rejected,
+                              self._penalised(sigma_sq, target_sigma), sigma_mean, target_sigma,
+                              replay=(noisy_sequence_logps, args, kwargs))
+
+    def _penalised(self, vocab_sq_mean, target_sigma):
+        """The mean of σ² the penalty weighs: over all of V (the paper's mean σ²), or over the
+        rejected response's own tokens."""
+        if self.penalty_over == "vocab":
+            return vocab_sq_mean
+        return target_sigma.square().mean() if target_sigma.numel() else vocab_sq_mean
 
     def _noisy_from_cached_states(self, inputs):
         """`noisy_reference_logps` from the states cached per pair: no reference forward."""
@@ -202,12 +351,19 @@ class NPOTrainer(PreferenceTrainer):
         if states.shape[0] != rows.shape[0]:
             raise RuntimeError(f"{states.shape[0]} cached reference states for {rows.shape[0]} rejected tokens")
         weight, bias = (t if t is None else t.to(states.device) for t in self.reference_lm_head)
-        token_logps, sq_sum, sigma_sum = self.noisy_reference(noisy_token_logps, states, shifted[mask], weight,
-                                                           lm_bias=bias, chunk_size=self.noise_chunk_size)
+        seeds = self.pair_seeds(inputs)
+        args = (states, shifted[mask], weight)
+        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size,
+                      noise_keys=None if seeds is None else (seeds, rows))
+        token_logps, sq_sum, sigma_sum, target_sigma = self.noisy_reference(
+            noisy_token_logps, *args, with_target_sigma=True, **kwargs)
         logps = token_logps.new_zeros(half).index_add(0, rows, token_logps)
         count = max(int(rows.shape[0]) * self.noise_head.vocab_size, 1)
         chosen = SequenceLogps(inputs["reference_chosen_logps"], response_counts(labels[:half]))
-        return chosen, SequenceLogps(logps, response_counts(rejected_labels)), sq_sum / count, sigma_sum / count
+        clean_rejected = SequenceLogps(inputs["reference_rejected_logps"], response_counts(rejected_labels))
+        return NoisyReference(chosen, logps, SequenceLogps(logps, response_counts(rejected_labels)), clean_rejected,
+                              self._penalised(sq_sum / count, target_sigma), sigma_sum / count, target_sigma,
+                              replay=(noisy_token_logps, args, kwargs), per_token=True, rows=rows, rows_count=half)
 
     @torch.no_grad()
     def with_rejected_states(self, pairs: list[dict]) -> list[dict]:
@@ -235,7 +391,8 @@ class NPOTrainer(PreferenceTrainer):
     def create_optimizer(self, model=None):
         """The Trainer's optimizer plus one param group for the noise head (its own lr, no decay)."""
         optimizer = super().create_optimizer(model)
-        if not any(group.get("noise_head") for group in optimizer.param_groups):
+        # "alternating" steps the head with its own optimizer (`_head_step`); "joint" in this one.
+        if self.schedule == "joint" and not any(group.get("noise_head") for group in optimizer.param_groups):
             optimizer.add_param_group({"params": list(self.noise_head.parameters()), "weight_decay": 0.0,
                                        "lr": self.noise_lr or self.args.learning_rate, "noise_head": True})
         return optimizer
@@ -247,6 +404,9 @@ class NPOTrainer(PreferenceTrainer):
             from safetensors.torch import save_file
 
             save_file(state, os.path.join(output_dir, NOISE_HEAD_FILE))
+            if self.head_optimizer is not None:
+                save_file(_optimizer_tensors(self.head_optimizer, self.noise_head),
+                          os.path.join(output_dir, NOISE_OPTIMIZER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -258,6 +418,46 @@ class NPOTrainer(PreferenceTrainer):
             with torch.no_grad():
                 for name, tensor in self.noise_head.state_dict().items():
                     _copy_full_into(tensor, state[name])  # in place: the optimizer holds these tensors
+        path = os.path.join(checkpoint, NOISE_OPTIMIZER_FILE) if checkpoint else None
+        if path and os.path.exists(path) and self.schedule == "alternating":
+            from safetensors.torch import load_file
+
+            self.head_optimizer = torch.optim.AdamW(self.noise_head.parameters(), lr=self._head_lr(), weight_decay=0.0)
+            _load_optimizer_tensors(self.head_optimizer, self.noise_head, load_file(path))
+
+
+@dataclass
+class NoisyReference:
+    """The reference's side of one NPO micro-batch (`NPOTrainer.noisy_reference_logps`)."""
+
+    chosen: SequenceLogps  # clean reference, chosen side (B,)
+    rejected: torch.Tensor  # noisy reference log π̃_ref(y_l) (B,), graph to the head
+    rejected_logps: SequenceLogps  # the same with its token counts
+    clean_rejected: SequenceLogps  # clean reference log π_ref(y_l) (B,)
+    penalised_sq: torch.Tensor  # the mean σ² the penalty weighs (over V or over the target tokens)
+    sigma_mean: torch.Tensor  # mean σ over the N × V entries
+    target_sigma: torch.Tensor  # σ at each rejected response token's own id (N,)
+    replay: tuple | None = None  # (fn, args, kwargs) to recompute the noisy pass (gradient diagnostics)
+    per_token: bool = False  # replay returns token log-probs (cached states) rather than sequences
+    rows: torch.Tensor | None = None  # the pair of each token (per_token)
+    rows_count: int = 0
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, head: torch.nn.Module) -> dict:
+    """AdamW's state of the head as flat tensors (safetensors: no pickle)."""
+    names = {id(p): n for n, p in head.named_parameters()}
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"{names[id(param)]}.{key}"] = _full(torch.as_tensor(value)).detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, head: torch.nn.Module, tensors: dict) -> None:
+    for name, param in head.named_parameters():
+        state = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.split(".", 1)[0] == name}
+        if state:
+            optimizer.state[param] = {k: v.to(_local(param).device) if v.dim() else v for k, v in state.items()}
 
 
 class _NoisyReference(torch.nn.Module):

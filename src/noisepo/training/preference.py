@@ -198,8 +198,9 @@ class PreferenceTrainer(FiniteLossGuard, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            logs[prefix + key] = torch.stack(values).mean().item()
+        for key, values in self._metrics[mode].items():  # "..._max" keys: the largest micro-batch value
+            reduced = torch.stack(values).max() if key.endswith("_max") else torch.stack(values).mean()
+            logs[prefix + key] = reduced.item()
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
