@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noisepo.training.config import DEFAULT_SIGMA0
+
 IGNORE_INDEX = -100
 # Positions per chunk when not given: (chunk, V) float32 blocks of about 16 MiB. A chunk holds about
 # four such blocks at once (u, σ, ε, the noisy logits or their softmax), so the extra peak is ~64 MiB
@@ -79,8 +81,8 @@ class NoiseHead(nn.Module):
     down-projection random, so gradients reach both) and b = softplus⁻¹(σ₀) (bounded: logit(σ₀/σ_max)).
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, *, rank: int | None = None, sigma0: float = 0.01,
-                 sigma_max: float | None = None):
+    def __init__(self, hidden_size: int, vocab_size: int, *, rank: int | None = None,
+                 sigma0: float = DEFAULT_SIGMA0, sigma_max: float | None = None):
         super().__init__()
         self.hidden_size, self.vocab_size, self.rank, self.sigma0 = hidden_size, vocab_size, rank, sigma0
         self.sigma_max = sigma_max

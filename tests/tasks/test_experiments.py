@@ -178,3 +178,39 @@ def test_only_queues_its_arms_and_reports_the_finished_others(tmp_path):
     folders = runner.run([0], ["ropo-norefill"])
     assert [f.name for f in folders] == ["dpo-noise0.2-s0", "ropo-norefill-noise0.2-s0"]
     assert [Path(options["output"]).name for _, options in runner.configs] == ["ropo-norefill-noise0.2-s0"]
+
+
+@pytest.mark.parametrize("task", ["addition", "reverse"])
+def test_npo_search_runs_npo_only_once_per_grid_entry_on_validation(task, tmp_path):
+    """Each grid entry is the npo-only arm at SPIN's learning rate with that `npo:` section, so the search
+    compares noise against noise and nothing else; every entry must build a valid config."""
+    runner_module = load_runner()
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "experiments" / "a_self_improvement.yaml").read_text())
+    spec["task"] = task
+    spec = runner_module.with_task_overrides(spec)
+    grid = yaml.safe_load((ROOT / "experiments" / "grids" / "npo.yaml").read_text())
+    runner = runner_module.Runner(spec, tmp_path, dry_run=True, npo_grid=grid)
+    folders = runner.run([0], None)
+    assert len(runner.configs) == len(folders) == len(grid)
+    assert {f.parent.name for f in folders} == {"a_self_improvement-npo-search"}
+    configs = [from_dict(config_class(c), o) for c, o in runner.configs]
+    assert {c.training.learning_rate for c in configs} == {1e-5 if task == "reverse" else 3e-5}
+    assert all(not c.dsl.enabled and c.npo.enabled for c in configs)
+    assert all(o["eval_data"].endswith("val.jsonl") for _, o in runner.configs)
+    for config, (name, options) in zip(configs, grid.items()):
+        assert all(getattr(config.npo, key) == value for key, value in options.items()), name
+
+    folder = tmp_path / "npo-only-bound-s1-m2-s0"
+    for i, metrics in enumerate([{"accuracy": 0.5}, {"accuracy": 0.6, "npo": True, "npo/margin_effect": 0.2,
+                                                     "npo/margin_effect_max": 1.5, "sigma_mean": 1.0,
+                                                     "sigma_target": 1.1},
+                                 {"accuracy": 0.7, "npo": True, "npo/margin_effect": 0.4,
+                                  "npo/margin_effect_max": 0.9, "sigma_mean": 1.2, "sigma_target": 1.3}]):
+        (folder / f"iter_{i}").mkdir(parents=True)
+        (folder / f"iter_{i}" / "metrics.json").write_text(json.dumps(metrics))
+    [row] = runner.npo_search_rows([folder])
+    assert row["config"] == "bound-s1-m2" and row["accuracy"] == 0.7
+    assert row["margin_effect"] == pytest.approx(0.3) and row["margin_effect_max"] == 1.5
+    assert "| bound-s1-m2 | constraint=bound" in runner.npo_search_table([row])

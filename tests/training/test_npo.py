@@ -244,6 +244,7 @@ def test_margin_effect_and_moved_weights_read_zero_without_noise_and_clearly_non
     # (the noisy path recomputes the clean log-probs the reference column holds: float rounding apart)
     assert zero["npo/margin_effect"] < 1e-5 and zero["npo/margin_effect_max"] < 1e-5
     assert zero["npo/weight_moved"] == 0.0 and zero["npo/sigma_target"] == 0.0
+    assert zero["npo/relative_weight_moved"] == 0.0 and zero["npo/weight_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert zero["npo/grad_norm_penalty"] == 0.0
 
     loud = npo(load(micro_model_dir), tmp_path / "one", pairs, tokenizer, sigma0=1.0, cache_reference_states=cache)
@@ -251,6 +252,7 @@ def test_margin_effect_and_moved_weights_read_zero_without_noise_and_clearly_non
     one = _logged_npo(loud)
     assert one["npo/margin_effect"] > 0.05 and one["npo/margin_effect_max"] >= one["npo/margin_effect"]
     assert one["npo/weight_moved"] > 0 and one["npo/sigma_target"] == pytest.approx(1.0, rel=1e-3)
+    assert one["npo/weight_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert one["npo/grad_norm_loss"] > 0 and one["npo/grad_norm_penalty"] > 0
     summary = loud.npo_summary()
     assert summary["margin_effect"] == pytest.approx(one["npo/margin_effect"], rel=1e-5)

@@ -319,6 +319,8 @@ class DNPORun:
             "sigma_target": train.get("sigma_target"),
             "npo/margin_effect": train.get("npo/margin_effect"),
             "npo/margin_effect_max": train.get("npo/margin_effect_max"),
+            "npo/weight_moved": train.get("npo/weight_moved"),
+            "npo/relative_weight_moved": train.get("npo/relative_weight_moved"),
             "noise_loss": train.get("noise_loss"),
             "loss": train.get("loss"),
             "filter": train.get("filter"),

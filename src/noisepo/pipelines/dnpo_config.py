@@ -7,7 +7,7 @@ Torch-free on purpose: `noisepo --help` imports every config module.
     output: runs/dnpo
     iterations: 4                # iteration 0 is SPIN, 1..3 are DNPO
     dsl: {enabled: true, scorer: verifier, verifier: addition}
-    npo: {enabled: true, sigma0: 0.01, noise_penalty: 1.0}
+    npo: {enabled: true, sigma0: 0.5, noise_penalty: 0.01, learning_rate: 1.0e-2}
     training: {learning_rate: 5.0e-7, epochs: 2, batch_size: 8}
 """
 from __future__ import annotations
@@ -18,7 +18,13 @@ from typing import Literal
 from noisepo.config import option
 from noisepo.errors import ConfigError
 from noisepo.judges.config import ScorerOptions
-from noisepo.training.config import OptimOptions, check
+from noisepo.training.config import (
+    DEFAULT_NOISE_LR,
+    DEFAULT_NOISE_PENALTY,
+    DEFAULT_SIGMA0,
+    OptimOptions,
+    check,
+)
 
 
 @dataclass
@@ -39,10 +45,12 @@ class NPOOptions:
 
     enabled: bool = option(True, "Train with a noisy reference on the rejected side from iteration 1 on "
                                  "(off: the plain DPO/SPIN loss).")
-    sigma0: float = option(0.01, "σ₀: the noise scale a fresh head starts from (W = 0, b = softplus⁻¹(σ₀); "
-                                 "bounded: logit(σ₀/σ_max)). Not given by the paper.")
-    noise_penalty: float = option(1.0, "α_σ: weight of mean(σ²) in the noise head's loss (constraint penalty or "
-                                       "both; ignored with bound). Not given by the paper.")
+    sigma0: float = option(DEFAULT_SIGMA0, "σ₀: the noise scale a fresh head starts from (W = 0, b = softplus⁻¹(σ₀); "
+                                 "bounded: logit(σ₀/σ_max)). Not given by the paper; 0.5 validated best "
+                                 "(experiments/grids/npo.yaml).")
+    noise_penalty: float = option(DEFAULT_NOISE_PENALTY, "α_σ: weight of mean(σ²) in the noise head's loss "
+                                       "(constraint penalty or both; ignored with bound). Not given by the paper; "
+                                       "0.01 validated best.")
     constraint: Literal["penalty", "bound", "both"] = option(
         "penalty", "How σ is kept small: penalty: α_σ·mean(σ²) in the head's loss, σ = softplus(·) unbounded; "
                    "bound: the paper's σ² < ε as σ = σ_max·sigmoid(·) ∈ (0, σ_max), no penalty; both: the bound "
@@ -66,7 +74,8 @@ class NPOOptions:
                   "policy and head of ℓ(M_noisy) − ℓ(M_clean) + α_σ·mean(σ²) (schedule joint only).")
     rank: int | None = option(None, "Rank of the head's W (null: full d × V, as in the paper; r: a cheaper "
                                     "low-rank head with r·(d + V) weights).")
-    learning_rate: float | None = option(None, "The noise head's learning rate (null: the policy's).")
+    learning_rate: float | None = option(DEFAULT_NOISE_LR, "The noise head's learning rate (null: the policy's, "
+                                     "at which Adam barely moves the head in an iteration). Not given by the paper.")
     reference_states: Literal["auto", "forward", "cache"] = option(
         "auto", "Where the rejected side's reference hidden states come from: forward: a frozen copy of "
                 "the reference runs on the rejected half every step; cache: computed once per iteration and "

@@ -10,6 +10,14 @@ from typing import Literal
 
 from noisepo.config import check, option
 
+# NPO's defaults, chosen on validation by the grid of issue 20 (experiments/grids/npo.yaml, LOG.md
+# 2026-12-06): among the configurations whose noise moves the margin (mean |M_noisy − M_clean| ≥ 0.1 on both
+# built-in tasks), σ₀ = 0.5, α_σ = 0.01 over V, head lr 1e-2 validated best. The paper gives none of these;
+# the old σ₀ = 0.01, α_σ = 1, head at the policy's lr left every margin unchanged (|ΔM| < 1e-3).
+DEFAULT_SIGMA0 = 0.5
+DEFAULT_NOISE_PENALTY = 0.01
+DEFAULT_NOISE_LR = 1e-2
+
 logger = logging.getLogger(__name__)
 
 LossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "ropo"]

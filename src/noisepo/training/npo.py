@@ -48,6 +48,7 @@ from noisepo.logprobs import (
 )
 from noisepo.noise import NoiseHead, noisy_sequence_logps, noisy_token_logps, npo_objective
 from noisepo.training.collate import REFERENCE_COLUMNS
+from noisepo.training.config import DEFAULT_NOISE_LR, DEFAULT_NOISE_PENALTY, DEFAULT_SIGMA0
 from noisepo.training.preference import PreferenceTrainer
 
 NOISE_HEAD_FILE = "noise_head.safetensors"
@@ -80,8 +81,8 @@ class NPOTrainer(PreferenceTrainer):
     """PreferenceTrainer with NPO's noisy reference on the rejected side (loss must be "dpo").
 
     Extra args: `noise_rank` (None: the full d × V head of the paper; r: a low-rank head),
-    `sigma0` (σ at the start, 0.01), `noise_penalty` (α_σ, 1.0), `noise_lr` (the head's learning
-    rate; default the policy's), `noise_chunk_size` (response positions per chunk of the noisy
+    `sigma0` (σ at the start, 0.5), `noise_penalty` (α_σ, 0.01), `noise_lr` (the head's learning
+    rate, 1e-2; None: the policy's), `noise_chunk_size` (response positions per chunk of the noisy
     log-softmax; None: blocks of about 16 MiB, `noisepo.noise.noise_chunk_rows`).
     `cache_reference_states` (True: compute the rejected side's reference hidden states once, keep
     them per pair, drop the reference model; False: run the reference on the rejected half every
@@ -90,8 +91,9 @@ class NPOTrainer(PreferenceTrainer):
     kept here), the `ref_model` given, or PEFT's base model.
     """
 
-    def __init__(self, model, args, train_dataset, *, noise_rank: int | None = None, sigma0: float = 0.01,
-                 noise_penalty: float = 1.0, noise_lr: float | None = None, noise_chunk_size: int | None = None,
+    def __init__(self, model, args, train_dataset, *, noise_rank: int | None = None,
+                 sigma0: float = DEFAULT_SIGMA0, noise_penalty: float = DEFAULT_NOISE_PENALTY,
+                 noise_lr: float | None = DEFAULT_NOISE_LR, noise_chunk_size: int | None = None,
                  cache_reference_states: bool | str = "auto", constraint: str = "penalty",
                  sigma_max: float | None = None, penalty_over: str = "vocab", schedule: str = "joint",
                  head_steps: int = 1, resample: str = "step", objective: str = "minmax",
@@ -226,15 +228,22 @@ class NPOTrainer(PreferenceTrainer):
         noisy_margin = self.beta * ((policy_chosen.sum - noisy.chosen.sum) - (policy_rejected.sum - noisy.rejected)).detach()
         weight_noisy, weight_clean = torch.sigmoid(-noisy_margin), torch.sigmoid(-(noisy_margin - effect))
         moved = ((weight_noisy - weight_clean).abs() > WEIGHT_MOVED_FRACTION * weight_clean).float()
+        # The same against each side's batch mean: a noise that scales every pair's weight alike only
+        # rescales the step's gradient, which Adam's normalisation undoes; this counts what it reorders.
+        relative_noisy, relative_clean = weight_noisy / weight_noisy.mean(), weight_clean / weight_clean.mean()
+        relative_moved = ((relative_noisy - relative_clean).abs() > WEIGHT_MOVED_FRACTION * relative_clean).float()
         metrics = self._metrics["train"]
         metrics["npo/margin_effect"].append(effect.abs().mean())
         metrics["npo/margin_effect_max"].append(effect.abs().max() if effect.numel() else effect.new_zeros(()))
         metrics["npo/weight_moved"].append(moved.mean())
+        metrics["npo/relative_weight_moved"].append(relative_moved.mean())
+        metrics["npo/weight_ratio"].append((weight_noisy.mean() / weight_clean.mean()).float())
         metrics["npo/sigma_mean"].append(noisy.sigma_mean.detach().float())
         metrics["npo/sigma_target"].append(noisy.target_sigma.detach().float().mean()
                                            if noisy.target_sigma.numel() else noisy.sigma_mean.new_zeros(()))
         metrics["npo/noise_loss"].append(noise_loss.detach().float())
-        self._step_effects.append(torch.stack([effect.abs().mean(), metrics["npo/margin_effect_max"][-1]]).detach())
+        self._step_effects.append(torch.stack([effect.abs().mean(), metrics["npo/margin_effect_max"][-1],
+                                               moved.mean(), relative_moved.mean()]).detach())
         every = self.grad_norm_every or self.args.logging_steps
         if every and self.state.global_step % every == 0 and noisy.replay is not None:
             loss_norm, penalty_norm = self.head_term_grad_norms(policy_chosen, policy_rejected, noisy)
@@ -269,11 +278,13 @@ class NPOTrainer(PreferenceTrainer):
 
     def npo_summary(self) -> dict:
         """Over every training micro-batch: mean and max of |M_noisy − M_clean| (the issue's bar: the
-        noise acts when the mean is clearly non-zero)."""
+        noise acts when the mean is clearly non-zero), and the shares of pairs whose DPO weight moved
+        by > 10 %, absolutely and relative to the batch's mean weight."""
         if not self._step_effects:
             return {}
         effects = torch.stack(self._step_effects).float()
         return {"margin_effect": float(effects[:, 0].mean()), "margin_effect_max": float(effects[:, 1].max()),
+                "weight_moved": float(effects[:, 2].mean()), "relative_weight_moved": float(effects[:, 3].mean()),
                 "micro_batches": int(effects.shape[0])}
 
     def reference_logps(self, inputs) -> tuple[SequenceLogps, SequenceLogps]:
@@ -444,7 +455,7 @@ class NoisyReference:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, head: torch.nn.Module) -> dict:
-    """AdamW's state of the head as flat tensors (safetensors: no pickle)."""
+    """AdamW's state of the head as flat tensors (safetensors, so loading runs no code)."""
     names = {id(p): n for n, p in head.named_parameters()}
     out = {}
     for param, state in optimizer.state.items():
