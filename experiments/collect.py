@@ -26,7 +26,7 @@ def main() -> None:
                 shutil.copytree(report, target / report.name if report.name != "report" else target,
                                 dirs_exist_ok=True)
                 copied.append(report.name)
-        for name in ("commands.log", "search.md"):
+        for name in ("commands.log", "search.md", "search.json"):
             if (experiment / name).is_file():
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(experiment / name, target / name)
