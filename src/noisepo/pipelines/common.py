@@ -61,9 +61,9 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     from noisepo.training.preference import (
         PreferenceTrainer,
         final_metrics,
-        tensorboard_callbacks,
         training_arguments,
     )
+    from noisepo.training.trackers import tracker_callbacks
 
     output = Path(output)
     trainer_cls = trainer_cls or PreferenceTrainer
@@ -74,7 +74,7 @@ def train_pairs(records: list[dict], *, init_model: str, output: Path, options, 
     args = training_arguments(logged, output_dir=str(work), save_strategy="no", disable_tqdm=not progress)
     trainer = trainer_cls(model, args, pairs, loss=loss.loss, beta=loss.beta, label_smoothing=loss.label_smoothing,
                           alpha=loss.alpha, reference="precompute", processing_class=tokenizer,
-                          callbacks=tensorboard_callbacks(logged), **(trainer_kwargs or {}))
+                          callbacks=tracker_callbacks(logged), **(trainer_kwargs or {}))
     result = trainer.train()
     metrics = final_metrics(trainer, result, pairs=len(pairs))
     metrics["log_history"] = trainer.state.log_history
@@ -108,7 +108,7 @@ def save_trained_atomically(trainer, tokenizer, folder: Path) -> None:
 
 
 class _with_output:
-    """`options` seen with `output` set (tensorboard_callbacks reads config.output and report_to)."""
+    """`options` seen with `output` set (tracker_callbacks reads config.output and report_to)."""
 
     def __init__(self, options, output: Path):
         self._options, self.output = options, str(output)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from noisepo.config import check, option
+from noisepo.training.trackers import check_trackers
 
 # NPO's defaults, chosen on validation by the grid of issue 20 (experiments/grids/npo.yaml, LOG.md
 # 2026-12-06): among the configurations whose noise moves the margin (mean |M_noisy − M_clean| ≥ 0.1 on both
@@ -62,7 +63,10 @@ class OptimOptions:
     save_steps: int = option(500, "Checkpoint every N steps (resumable with --resume).")
     save_total_limit: int = option(2, "Keep at most this many checkpoints.")
     report_to: list[str] = option(default_factory=lambda: ["tensorboard"],
-                                  help="Loggers for metrics: tensorboard (in OUTPUT/logs), wandb, none, ...")
+                                  help="Trackers for metrics, any of: tensorboard (OUTPUT/logs), mlflow "
+                                       "(MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db), wandb (online with "
+                                       "WANDB_API_KEY or WANDB_MODE=online, else offline in OUTPUT/wandb), "
+                                       "none.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory.")
     lora: bool = option(False, "Train LoRA adapters through PEFT (extra 'peft') instead of all weights.")
     lora_r: int = option(16, "LoRA rank.")
@@ -78,6 +82,7 @@ class OptimOptions:
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps > 0")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check_trackers(self.report_to)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from noisepo.training.collate import (
     pair_length,
 )
 from noisepo.training.guards import FiniteLossGuard
+from noisepo.training.trackers import tracker_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,8 @@ class PreferenceTrainer(FiniteLossGuard, Trainer):
 
 # ---------------------------------------------------------------------- noisepo train
 def training_arguments(config, **overrides) -> TrainingArguments:
-    """TrainingOptions -> transformers.TrainingArguments (TensorBoard goes through a callback)."""
-    report_to = [r for r in config.report_to if r not in ("tensorboard", "none")] or "none"
+    """TrainingOptions -> transformers.TrainingArguments. Trackers go through `tracker_callbacks`
+    (training/trackers.py), which decide where they write, so transformers gets report_to none."""
     values = dict(
         output_dir=config.output, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -272,7 +273,8 @@ def training_arguments(config, **overrides) -> TrainingArguments:
         num_train_epochs=config.epochs, max_steps=config.max_steps, lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, report_to=report_to,
+        save_total_limit=config.save_total_limit, report_to="none",
+        run_name="/".join(Path(config.output).parts[-2:]),  # a tracker's run name: e.g. dnpo/iter_1
         activation_checkpointing=config.gradient_checkpointing, remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without a GPU, processes started by torchrun / accelerate (--multi_gpu or
@@ -282,17 +284,6 @@ def training_arguments(config, **overrides) -> TrainingArguments:
     )
     values.update(overrides)
     return TrainingArguments(**values)
-
-
-def tensorboard_callbacks(config) -> list:
-    """A TensorBoard writer into OUTPUT/logs when `report_to` names tensorboard."""
-    if "tensorboard" not in config.report_to:
-        return []
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(Path(config.output) / "logs")
-    return [callback]
 
 
 def add_lora(model, config):
@@ -358,7 +349,7 @@ def run_train(config) -> int:
         label_smoothing=config.label_smoothing, alpha=config.alpha, reference=config.reference,
         ref_model=ref_model, group_by_length=config.group_by_length, padding_free=config.padding_free,
         processing_class=tokenizer,
-        callbacks=tensorboard_callbacks(config))
+        callbacks=tracker_callbacks(config))
     resume = latest_checkpoint(output) if config.resume else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()

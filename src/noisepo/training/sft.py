@@ -84,16 +84,10 @@ class SFTCollator:
 # --------------------------------------------------------------------------- trainer
 def training_arguments(config: SFTConfig):
     """TrainingOptions -> transformers.TrainingArguments, shared with `noisepo train` (checkpoints
-    in OUTPUT; TensorBoard through `tensorboard_callbacks`, into OUTPUT/logs)."""
+    in OUTPUT; trackers through `noisepo.training.trackers.tracker_callbacks`)."""
     from noisepo.training.preference import training_arguments as shared_training_arguments
 
     return shared_training_arguments(config, logging_first_step=True, save_strategy="steps")
-
-
-def tensorboard_callbacks(config: SFTConfig) -> list:
-    from noisepo.training.preference import tensorboard_callbacks as shared_tensorboard_callbacks
-
-    return shared_tensorboard_callbacks(config)
 
 
 def with_lora(model, config: SFTConfig):
@@ -227,6 +221,7 @@ def fit(config: SFTConfig, train_data, texts: list[str], callbacks=()):
     from transformers.trainer_utils import get_last_checkpoint
 
     from noisepo.training.guards import GuardedTrainer
+    from noisepo.training.trackers import tracker_callbacks
 
     output = Path(config.output)
     started = time.perf_counter()
@@ -237,7 +232,7 @@ def fit(config: SFTConfig, train_data, texts: list[str], callbacks=()):
     examples, dropped = tokenize_sft(train_data.records, tokenizer, config.max_length)
     trainer = GuardedTrainer(model=model, args=args, train_dataset=examples,
                              data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                             callbacks=tensorboard_callbacks(config) + list(callbacks))
+                             callbacks=tracker_callbacks(config) + list(callbacks))
     checkpoint = get_last_checkpoint(str(output)) if config.resume and output.is_dir() else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, tokenizer, output / "model")
