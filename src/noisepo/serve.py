@@ -33,6 +33,8 @@ class ServeConfig:
 
     model: str = option("tiny", "A local model folder, a hub name, or a preset (micro, tiny, small; "
                                 "built once into --build-dir).")
+    tokenizer: str | None = option(None, "Tokenizer folder or hub name, for a --model folder saved without "
+                                         "one: joined with the model's files in --build-dir.")
     port: int = option(8000, "TCP port (0: any free port, printed at start).")
     host: str = option("127.0.0.1", "Interface to bind; 127.0.0.1 keeps the server local. Use 0.0.0.0 "
                                     "only on a trusted network, with --api-key-env.")
@@ -64,7 +66,8 @@ def run_serve(config: ServeConfig) -> int:
     from noisepo.generation.transformers_backend import TransformersGenerator
     from noisepo.models import load_model, load_tokenizer, resolve_model
 
-    path = resolve_model(config.model, config.build_dir)
+    path = resolve_model(config.model, config.build_dir, tokenizer=config.tokenizer,
+                         trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     model = load_model(path, dtype=config.dtype, device=config.device,
                        trust_remote_code=config.trust_remote_code)

@@ -98,7 +98,8 @@ def build_generator(config: GenerateConfig, records: list[dict]):
     from noisepo.models import load_tokenizer, resolve_model
 
     build_dir = Path(config.output + ".model")
-    path = resolve_model(config.model, build_dir, texts=prompt_texts(records))
+    path = resolve_model(config.model, build_dir, texts=prompt_texts(records), tokenizer=config.tokenizer,
+                         trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     if config.backend == "vllm":
         from noisepo.generation.vllm_backend import VLLMGenerator

@@ -18,6 +18,8 @@ class GenerateConfig:
 
     model: str = option("", "A local model folder, a hub name, or a preset (micro, tiny, small) built "
                             "once next to the output.")
+    tokenizer: str | None = option(None, "Tokenizer folder or hub name, for a --model folder saved without "
+                                         "one: joined with the model's files in OUTPUT.model.")
     prompts: str = option("", "Prompts (a `prompt` column: string or message list; other columns kept): "
                               ".jsonl, .json, .parquet, a datasets folder or a hub name.")
     output: str = option("", "Output JSONL: each input row + `response` (or `responses` when "

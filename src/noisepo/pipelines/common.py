@@ -232,7 +232,8 @@ def open_run(config, texts: list[str]):
     """A loop's run folder (lock, manifest; `--progress` may change on resume) and its initial model:
     yields (RunFolder, model path); a preset is built into OUTPUT/base_model from `texts`.
 
-    Reads `output`, `model`, `progress`, `seed` and `training.seed` of the loop's config.
+    Reads `output`, `model`, `tokenizer`, `trust_remote_code`, `progress`, `seed` and `training.seed` of
+    the loop's config.
     """
     from noisepo import distributed
     from noisepo.config import to_dict
@@ -246,7 +247,8 @@ def open_run(config, texts: list[str]):
             transformers_progress(config.progress and distributed.is_main()):
         # A preset is built once, by the main process; the others use the folder it wrote.
         yield run, distributed.run_on_main(
-            lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed))
+            lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.training.seed,
+                                  tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code))
 
 
 @contextlib.contextmanager

@@ -152,6 +152,8 @@ class DNPOConfig:
 
     model: str = option("", "The SFT model (policy_0): a local folder, a hub name, or a preset (micro, "
                             "tiny, small) built once into OUTPUT/base_model.")
+    tokenizer: str | None = option(None, "Tokenizer folder or hub name, for a --model folder saved without "
+                                         "one: joined with the model's files in OUTPUT/base_model.")
     data: str = option("", "SFT data (prompt + completion, or messages): the prompts and human responses.")
     output: str = option("", "Run folder: manifest.json, iter_<k>/, summary.json. A rerun with the same "
                              "options resumes at the first unfinished stage.")

@@ -19,6 +19,8 @@ class ROPOConfig:
 
     model: str = option("", "Initial policy (also the reference of every round): a local folder, a hub "
                             "name, or a preset (micro, tiny, small) built once into OUTPUT/base_model.")
+    tokenizer: str | None = option(None, "Tokenizer folder or hub name, for a --model folder saved without "
+                                         "one: joined with the model's files in OUTPUT/base_model.")
     data: str = option("", "Preference pairs (prompt, chosen, rejected; optional weight, id, label_flipped): "
                            ".jsonl, .json, .parquet, a datasets folder or a hub name.")
     output: str = option("", "Run folder: manifest.json, reference/, round_<r>/, summary.json. A rerun "

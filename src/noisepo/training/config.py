@@ -38,6 +38,8 @@ def warn_small_alpha(alpha: float) -> None:
 class ModelOptions:
     model: str = option("tiny", "A local model folder, a Hugging Face hub name, or a preset built "
                                 "offline from a config: micro (tests), tiny (~1M params, demo), small (~5M).")
+    tokenizer: str | None = option(None, "Tokenizer folder or hub name, for a --model folder saved without "
+                                         "one: joined with the model's files in OUTPUT/base_model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype when loading.")
     trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
 

@@ -334,7 +334,8 @@ def run_train(config) -> int:
     texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]
     # A preset is built once, by the main process; the others load the folder it wrote.
     model_path = distributed.run_on_main(
-        lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.seed))
+        lambda: resolve_model(config.model, output / "base_model", texts=texts, seed=config.seed,
+                              tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code))
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     pairs = [encode_pair(tokenizer, r, max_length=config.max_length) for r in records]
     model = load_model(model_path, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)

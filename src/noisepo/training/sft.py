@@ -185,7 +185,8 @@ def load_sft_model(config: SFTConfig, texts: list[str], args):
     from noisepo.models import load_tokenizer, resolve_model, torch_dtype
 
     with args.main_process_first(desc="build the preset model"):
-        path = resolve_model(config.model, Path(config.output) / "base_model", texts=texts, seed=config.seed)
+        path = resolve_model(config.model, Path(config.output) / "base_model", texts=texts, seed=config.seed,
+                             tokenizer=config.tokenizer, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code, padding_side="right")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(config.dtype),
