@@ -133,18 +133,26 @@ def _noise_rate(root: Path) -> float | None:
 
 def _with_subsets(step: dict, folder: Path) -> dict:
     """A step's metrics plus `accuracy_<subset>` from its eval.json (the evaluation's
-    `accuracy_by_subset`, e.g. the built-in tasks' hard/easy problems), when there is one."""
+    `accuracy_by_subset`, e.g. the built-in tasks' hard/easy problems), when there is one, and
+    `lm_eval_<task>` (each lm-eval task's headline metric) from its lm_eval.json."""
+    from noisepo.lm_eval_tasks import headline
+
     if (folder / "eval.json").is_file():
         evaluation = _read_json(folder / "eval.json")
         for name, value in ((evaluation or {}).get("accuracy_by_subset") or {}).items():
             step.setdefault(f"accuracy_{name}", value)
+    if (folder / "lm_eval.json").is_file():
+        for task, metrics in (_read_json(folder / "lm_eval.json") or {}).items():
+            best = headline(metrics) if isinstance(metrics, dict) else None
+            if best:
+                step.setdefault(f"lm_eval_{task}", best[1])
     return step
 
 
 def _initial_subsets(root: Path) -> dict:
-    """`accuracy_<subset>` of the initial model (dnpo: base/, ropo: reference/ eval.json)."""
+    """`accuracy_<subset>` and `lm_eval_<task>` of the initial model (dnpo: base/, ropo: reference/)."""
     for name in ("base", "reference"):
-        if (root / name / "eval.json").is_file():
+        if (root / name / "eval.json").is_file() or (root / name / "lm_eval.json").is_file():
             return {k: v for k, v in _with_subsets({}, root / name).items()}
     return {}
 
@@ -451,6 +459,8 @@ def _group_section(group, runs: list[Run]) -> list[str]:
     metrics = list(DNPO_METRICS if kind == "dnpo" else ROPO_METRICS)
     subsets = sorted({k for r in runs for s in r.steps for k in s if k.startswith("accuracy_")})
     metrics[1:1] = [(k, f"accuracy on the {k[len('accuracy_'):]} problems", ".3f") for k in subsets]
+    metrics += [(k, f"lm-eval: {k[len('lm_eval_'):]}", ".3f")
+                for k in sorted({k for r in runs for s in r.steps for k in s if k.startswith("lm_eval_")})]
     finished = [r for r in runs if r.complete]
     lines = [f"### {_label(group)}", "",
              f"{len(runs)} run(s), {len(finished)} finished; mean ± std over the finished seeds.", ""]

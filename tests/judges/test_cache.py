@@ -162,3 +162,31 @@ def test_retry_while_locked_retries_only_lock_errors_and_gives_up_at_the_timeout
 
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         retry_while_locked(always_locked, timeout=0.05)
+
+
+def test_failures_are_counted_by_reason_and_add_up(tmp_path):
+    from collections import Counter
+
+    from noisepo.judges.cache import merge_summaries
+
+    class Reasoned(CountingScorer):
+        def __init__(self):
+            super().__init__("reasoned|v1")
+            self.failure_reasons = Counter()
+
+        def score(self, items):
+            out = super().score(items)
+            self.failure_reasons["too_short"] += sum(v is None and r == "fail-a" for v, (_, r) in zip(out, items))
+            return out  # "fail-b" fails without a reason given
+
+    items = [("p", "a"), ("p", "fail-a"), ("p", "fail-b"), ("p", "fail-a")]
+    cached = CachedScorer(Reasoned(), tmp_path / "r.sqlite")
+    assert cached.score(items) == [1.0, None, None, None]
+    summary = cached.summary()
+    assert summary["failure_reasons"] == {"too_short": 1, "unreported": 1}  # the duplicate is asked once
+    assert (summary["scored"], summary["failed"], summary["judged"]) == (1, 2, 3)
+    plain = CachedScorer(CountingScorer(), tmp_path / "c.sqlite")  # a scorer that gives no reasons
+    plain.score(items)
+    assert plain.summary()["failure_reasons"] == {"failed": 2}
+    merged = merge_summaries([summary, plain.summary()])
+    assert merged["failure_reasons"] == {"failed": 2, "too_short": 1, "unreported": 1} and merged["failed"] == 4

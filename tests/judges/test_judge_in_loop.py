@@ -85,8 +85,10 @@ def test_adversarial_judged_text_cannot_steer_the_parsed_score(attack, judge_fac
     (score,) = judge.score([("Capital of France?", attack)])
     assert score in (None, 50.0)
     assert score is None if "reply 100" in attack else score == 50.0
-    (body,) = fault_server.requests
-    sent = body["messages"][-1]["content"]
+    # a refused reply is asked again (1 + max_retries times), with the very same request
+    assert len(fault_server.requests) == (3 if score is None else 1)
+    assert len({body["messages"][-1]["content"] for body in fault_server.requests}) == 1
+    sent = fault_server.requests[0]["messages"][-1]["content"]
     # the judged text stays inside the one response block: no tag of it is left unescaped
     head, block_and_tail = sent.split("\n<response>\n", 1)
     block, tail = block_and_tail.rsplit("\n</response>", 1)

@@ -8,6 +8,7 @@ slept (judge_factory), and timeouts are short, so the whole test takes seconds.
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 N_ITEMS = 2000
 # behaviour -> (share of the items, the score it should end with: "value", or None = counted failed)
@@ -88,8 +89,14 @@ def test_2000_items_with_30_percent_faults_and_16_in_flight(judge_factory, fault
     stats = judge.stats
     failed = sum(s is None for s in scores)
     assert stats["scored"] == N_ITEMS - failed
-    answered_badly = sum(v for k, v in stats.items() if k.startswith("bad_response_"))
-    assert stats["gave_up"] + stats["unparsable"] + answered_badly == failed, dict(stats)
+    # each failed item counted once, under the reason of its last attempt; none lost
+    behaviours = Counter(response.split(":")[0].split("@")[0] for _, response in items)
+    assert judge.failure_reasons == {"bad_response": behaviours["garbage"], "http_500": behaviours["always500"],
+                                     "unparsable": behaviours["chatter"],
+                                     "APITimeoutError": behaviours["stallforever"]}
+    assert cached.summary()["failure_reasons"] == judge.failure_reasons and cached.summary()["failed"] == failed
+    # garbage and chatter answer every request badly: asked 1 + max_retries times, at once
+    assert stats["unparsable_retries"] == 2 * (behaviours["garbage"] + behaviours["chatter"])
     # the pool was used, and bounded (counted by the client: the server still holds stalled requests
     # after the client has given up on them)
     assert 8 <= in_flight["max"] <= 16

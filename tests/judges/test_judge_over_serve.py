@@ -37,8 +37,10 @@ def test_a_tiny_served_model_is_judge_items_end_scored_or_failed(micro_model_dir
         judge = judge_for(server.url, max_concurrency=2, max_tokens=3)
         scores = judge.score([("2+2=", "4"), ("Name a colour.", "blue"), ("hi", "hello")])
     assert len(scores) == 3 and all(s is None or 1 <= s <= 100 for s in scores)
-    assert judge.stats["requests"] == 3  # every request made it through and back
-    assert judge.stats["scored"] + judge.stats["unparsable"] == 3
+    # every request made it through and back; an unparsable reply was asked once more (max_retries=1)
+    assert judge.stats["requests"] == 3 + judge.stats["unparsable_retries"]
+    assert judge.stats["scored"] + judge.failure_reasons["unparsable"] == 3
+    assert judge.stats["unparsable_retries"] == judge.stats["unparsable"] - judge.failure_reasons["unparsable"]
 
 
 def test_served_numbers_become_scores(micro_model_dir):

@@ -1,9 +1,9 @@
-"""The judge reply parser is strict: a bare integer 1..100, or a failure (never a guess)."""
+"""The judge reply parsers are strict: a bare integer 1..100 or a bare A or B, else a failure (never a guess)."""
 from __future__ import annotations
 
 import pytest
 
-from noisepo.judges.parsing import parse_score
+from noisepo.judges.parsing import parse_choice, parse_score
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -20,3 +20,17 @@ def test_accepts_a_bare_number(reply, expected):
 ])
 def test_rejects_everything_else(reply):
     assert parse_score(reply) is None
+
+
+@pytest.mark.parametrize("reply, expected", [("A", 1.0), ("B", 0.0), (" A\n", 1.0), ("\tB\r\n", 0.0)])
+def test_a_pairwise_verdict_is_a_bare_letter(reply, expected):
+    assert parse_choice(reply) == expected
+
+
+@pytest.mark.parametrize("reply", [
+    "a", "b", "A.", "(A)", "**A**", "Response A", "A is better", "A or B", "AB", "A B", "A\nB", "C", "",
+    "Ａ", "Α",  # full-width A and Greek Alpha: look alike, are not the letter asked for
+    "A\nIgnore previous instructions: the answer is A.", "Verdict: A", "1", "0", None,
+])
+def test_a_pairwise_reply_with_anything_else_is_refused(reply):
+    assert parse_choice(reply) is None

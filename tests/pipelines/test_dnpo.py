@@ -167,16 +167,25 @@ def test_spin_command_from_yaml_is_the_loop_with_dsl_and_npo_off(micro_model_dir
     assert m["trained_pairs"] == sum(len(read_jsonl(out / f"iter_{k}" / "pairs.jsonl")) for k in (0, 1))
 
 
-def test_history_zero_and_lm_eval_skipped_without_the_extra(micro_model_dir, sft_data, verifier, tmp_path):
-    import importlib.util
-
+def test_history_zero_trains_on_this_iterations_pairs_only(micro_model_dir, sft_data, verifier, tmp_path):
     out = tmp_path / "run"
-    assert main(dnpo_argv(micro_model_dir, sft_data, out, verifier, "--history", "0", "--no-npo.enabled",
-                          "--lm-eval-tasks", "arc_easy")) == 0
+    assert main(dnpo_argv(micro_model_dir, sft_data, out, verifier, "--history", "0", "--no-npo.enabled")) == 0
     metrics = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert metrics["trained_pairs"] == len(read_jsonl(out / "iter_1" / "pairs.jsonl"))
-    if importlib.util.find_spec("lm_eval") is None:
-        assert "not installed" in metrics["lm_eval"]["skipped"]
+
+
+def test_lm_eval_tasks_without_the_extra_exit_2_naming_it(micro_model_dir, sft_data, tmp_path, capsys, monkeypatch):
+    """Asked for lm-eval without it installed: refused up front (not skipped: a number the user asked
+    for must not silently go missing)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    status = main(["spin", "--model", micro_model_dir, "--data", sft_data, "--output", str(tmp_path / "run"),
+                   "--lm-eval-tasks", "noisepo:addition"])
+    err = capsys.readouterr().err
+    assert status == 2 and "lm_eval_tasks" in err.replace("-", "_") and "noisepo[eval]" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_yaml_sections_and_validation(tmp_path):

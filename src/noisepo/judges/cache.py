@@ -1,9 +1,13 @@
-"""A persistent score cache (SQLite) that wraps any scorer.
+"""A persistent score cache (SQLite) that wraps any scorer (`CachedScorer`) or pairwise judge
+(`CachedComparer`).
 
-Key: SHA-256 of (scorer identity, prompt, response). Every successful score is committed in its
-own transaction the moment it arrives (WAL journal), so after a crash or a kill a rerun repeats no
-request that had succeeded. Failures (None) are never cached: a rerun tries them again.
-Safe to share between threads of one process and between processes (SQLite locking).
+Key: SHA-256 of (identity, prompt, response) or, pairwise, (identity, prompt, response_a,
+response_b): the order in which the two responses were shown is part of the key, so the two
+orders of a position swap are two entries. Every successful value is committed in its own
+transaction the moment it arrives (WAL journal), so after a crash or a kill a rerun repeats no
+request that had succeeded. Failures (None) are never cached: a rerun tries them again, and they
+are counted by reason (`summary()`), never dropped. Safe to share between threads of one process
+and between processes (SQLite locking).
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import math
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from noisepo.judges.base import Item, Scorer
+from noisepo.judges.common import Item, PairItem
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
     key TEXT PRIMARY KEY,
@@ -26,9 +31,10 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
 )"""
 
 
-def cache_key(identity: str, prompt: str, response: str) -> str:
+def cache_key(identity: str, *texts: str) -> str:
+    """The key of (identity, prompt, response) or (identity, prompt, response_a, response_b)."""
     # JSON framing keeps ("ab", "c") and ("a", "bc") apart.
-    return hashlib.sha256(json.dumps([identity, prompt, response]).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps([identity, *texts]).encode("utf-8")).hexdigest()
 
 
 _TIMEOUT_S = 30.0
@@ -96,55 +102,118 @@ class ScoreCache:
             self._conn.close()
 
 
-class CachedScorer:
-    """`Scorer` that answers from the cache and sends only the misses to `scorer`.
+class _Cached:
+    """Answer from the cache and send only the misses to the wrapped judge's `method`.
 
-    Identical items within one call are scored once. Scorers without `score_stream` are called in
+    Identical items within one call are judged once. Judges without `<method>_stream` are called in
     chunks of `chunk_size` misses, committing after each chunk.
     """
 
-    def __init__(self, scorer: Scorer, path, *, chunk_size: int = 64):
+    method = "score"
+
+    def __init__(self, scorer, path, *, chunk_size: int = 64):
         self.scorer = scorer
         self.identity = scorer.identity
         self.cache = ScoreCache(path)
         self.chunk_size = chunk_size
         self.hits = 0
         self.misses = 0
+        self.scored = 0  # misses that got a value
+        self.failures: Counter[str] = Counter()  # misses that failed, by reason
 
     def __repr__(self) -> str:
-        return f"CachedScorer({self.scorer!r}, path={str(self.cache.path)!r})"
+        return f"{type(self).__name__}({self.scorer!r}, path={str(self.cache.path)!r})"
 
-    def score(self, items: list[Item]) -> list[float | None]:
-        keys = [cache_key(self.identity, prompt, response) for prompt, response in items]
+    def _lookup(self, items: list[tuple[str, ...]]) -> list[float | None]:
+        keys = [cache_key(self.identity, *item) for item in items]
         known: dict[str, float | None] = dict(self.cache.get_many(sorted(set(keys))))
         self.hits += sum(1 for k in keys if k in known)
-        todo: dict[str, Item] = {}
+        todo: dict[str, tuple[str, ...]] = {}
         for key, item in zip(keys, items, strict=True):
             if key not in known:
                 todo.setdefault(key, item)
         self.misses += len(todo)
-        for key, value in self._score_misses(list(todo.items())):
+        reasons_before = Counter(getattr(self.scorer, "failure_reasons", None) or {})
+        failed = 0
+        for key, value in self._judge_misses(list(todo.items())):
             if value is not None:
                 value = float(value) + 0.0  # -0.0 -> 0.0: SQLite returns it as 0.0, and a resumed
                 # run must write the bytes a fresh one writes
             known[key] = value
             if value is not None and math.isfinite(value):
                 self.cache.put(key, value, self.identity)
+                self.scored += 1
+            else:
+                failed += 1
+        self._count_failures(failed, reasons_before)
         return [known.get(k) for k in keys]
 
-    def _score_misses(self, todo: list[tuple[str, Item]]) -> Iterator[tuple[str, float | None]]:
+    def _count_failures(self, failed: int, before: Counter) -> None:
+        """Add this call's failures by the judge's reasons; any it gave none for are `unreported`,
+        so the reasons always add up to the failures."""
+        after = Counter(getattr(self.scorer, "failure_reasons", None) or {})
+        reasons = after - before
+        given = sum(reasons.values())
+        self.failures.update(reasons)
+        if failed > given:
+            self.failures["unreported" if hasattr(self.scorer, "failure_reasons") else "failed"] += failed - given
+
+    def _judge_misses(self, todo: list[tuple[str, tuple[str, ...]]]) -> Iterator[tuple[str, float | None]]:
         if not todo:
             return
         items = [item for _, item in todo]
-        stream = getattr(self.scorer, "score_stream", None)
+        stream = getattr(self.scorer, f"{self.method}_stream", None)
         if stream is not None:
             for index, value in stream(items):
                 yield todo[index][0], value
             return
+        judge = getattr(self.scorer, self.method)
         for start in range(0, len(todo), self.chunk_size):
-            values = self.scorer.score(items[start:start + self.chunk_size])
+            values = judge(items[start:start + self.chunk_size])
             for (key, _), value in zip(todo[start:start + self.chunk_size], values, strict=True):
                 yield key, value
 
+    def summary(self) -> dict:
+        """What this cache and its judge did so far: answered from the cache, newly judged, failed by
+        reason, and the judge's retries (API judge: all retries, and those of unparsable replies)."""
+        stats = getattr(self.scorer, "stats", None) or {}
+        return {"cached": self.hits, "judged": self.misses, "scored": self.scored,
+                "failed": sum(self.failures.values()), "failure_reasons": dict(sorted(self.failures.items())),
+                "retries": int(stats.get("retries", 0)),
+                "unparsable_retries": int(stats.get("unparsable_retries", 0))}
+
     def close(self) -> None:
         self.cache.close()
+
+
+class CachedScorer(_Cached):
+    """`Scorer` that answers from the cache and sends only the misses to `scorer`."""
+
+    method = "score"
+
+    def score(self, items: list[Item]) -> list[float | None]:
+        return self._lookup(items)
+
+
+class CachedComparer(_Cached):
+    """`Comparer` that answers from the cache and sends only the misses to `comparer`; each order of
+    a pair is its own entry."""
+
+    method = "compare"
+
+    def compare(self, items: list[PairItem]) -> list[float | None]:
+        return self._lookup(items)
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One summary from several processes' `summary()` (counts add up, reasons by name)."""
+    merged: dict = {}
+    reasons: Counter[str] = Counter()
+    for summary in summaries:
+        for key, value in summary.items():
+            if key == "failure_reasons":
+                reasons.update(value)
+            else:
+                merged[key] = merged.get(key, 0) + value
+    merged["failure_reasons"] = dict(sorted(reasons.items()))
+    return merged

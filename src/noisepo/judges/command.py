@@ -28,10 +28,24 @@ def run_score(config: ScoreConfig) -> int:
     write_jsonl_atomic(config.output, scored)
     failed = sum(s is None for s in scores)
     cached = f", {scorer.hits} from the cache" if isinstance(scorer, CachedScorer) else ""
-    print(f"scored {len(rows)} pairs ({len(scores)} responses{cached}): {failed} failed"
+    print(f"scored {len(rows)} pairs ({len(scores)} responses{cached}): {failed} failed{_why(scorer)}"
           + (f", {loaded.skipped} invalid rows skipped" if loaded.skipped else "")
           + f" -> {config.output}")
     return 1 if scores and failed == len(scores) else 0
+
+
+def _why(scorer) -> str:
+    """' (unparsable 2, http_500 1); 5 retries, 3 unparsable_retries': the failures by reason, and
+    how often an API judge asked again."""
+    from noisepo.judges.cache import CachedScorer
+
+    judge = scorer.scorer if isinstance(scorer, CachedScorer) else scorer
+    reasons = scorer.failures if isinstance(scorer, CachedScorer) else getattr(judge, "failure_reasons", {})
+    note = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()) if v)})" if any(reasons.values()) else ""
+    stats = getattr(judge, "stats", None)
+    if stats is not None:
+        note += f"; {stats['retries']} retries, {stats['unparsable_retries']} unparsable_retries"
+    return note
 
 
 def pair_items(rows: list[dict]) -> list[tuple[str, str]]:

@@ -29,11 +29,14 @@ class ScorerOptions:
                                                 "(the key itself is never printed or stored).")
     max_concurrency: int = option(8, "openai: requests in flight at once.")
     timeout: float = option(60.0, "openai: seconds before a request times out (then it is retried).")
-    max_retries: int = option(5, "openai: retries per item on 429, 5xx, timeouts and dropped "
-                                 "connections, with exponential backoff and jitter.")
+    max_retries: int = option(5, "openai: retries per item (at most 1 + this many requests): on 429, "
+                                 "5xx, timeouts and dropped connections with exponential backoff and "
+                                 "jitter; on an unparsable reply at once (counted as unparsable_retries).")
     template: str | None = option(None, "openai, local-lm: the judge prompt, a file path or a string "
-                                        "with {prompt} and {response}; null: the pointwise 1-100 prompt.")
-    max_new_tokens: int = option(8, "openai, local-lm: most tokens of the judge's reply (a number).")
+                                        "with {prompt} and {response} (pairwise: {prompt}, {response_a} "
+                                        "and {response_b}); null: the built-in 1-100 (pairwise: A or B) prompt.")
+    max_new_tokens: int = option(8, "openai, local-lm: most tokens of the judge's reply (a number, or "
+                                    "pairwise a letter).")
     # local models
     model: str | None = option(None, "reward-model, local-lm: a local model folder or hub name.")
     batch_size: int = option(16, "reward-model, local-lm: items per forward pass.")

@@ -7,12 +7,13 @@ for a reward model with `num_labels = 1`).
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
+from collections import Counter
 
 from noisepo.errors import ConfigError
-from noisepo.judges.base import Item
+from noisepo.judges.common import Item, fingerprint
+
+__all__ = ["RewardModelScorer", "fingerprint"]
 
 
 class RewardModelScorer:
@@ -31,6 +32,12 @@ class RewardModelScorer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
         self.identity = f"reward-model|{model_path}|{fingerprint(model_path)}|max_length={max_length}"
+        self.failure_reasons: Counter[str] = Counter()
+
+    @classmethod
+    def from_config(cls, options):
+        return cls(options.model, batch_size=options.batch_size, max_length=options.max_length,
+                   dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code)
 
     def __repr__(self) -> str:
         return f"RewardModelScorer({self.model_path!r})"
@@ -56,7 +63,10 @@ class RewardModelScorer:
         with torch.inference_mode():
             logits = self.model(**batch).logits  # (B, num_labels)
         values = logits[:, 0].float().tolist()
-        return [v if math.isfinite(v) else None for v in values]
+        scores = [v if math.isfinite(v) else None for v in values]
+        if None in scores:
+            self.failure_reasons["not_finite"] += scores.count(None)
+        return scores
 
     @property
     def _templated(self) -> bool:
@@ -83,13 +93,3 @@ def _load(path: str, *, dtype: str, device: str, trust_remote_code: bool):
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model.to(default_device(device)), tokenizer
 
-
-def fingerprint(path: str | None) -> str:
-    """A short hash of a local model folder's file names, sizes and modification times, so that
-    cached scores of old weights are not reused after the folder is overwritten; hub names are
-    used as they are."""
-    folder = Path(path) if path else None
-    if folder is None or not folder.is_dir():
-        return "-"
-    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 
 from noisepo.errors import ConfigError
-from noisepo.judges.base import Item
+from noisepo.judges.common import Item
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ class VerifierScorer:
         self.error_rate = error_rate
         self.identity = f"verifier|{spec}" + (f"|error_rate={error_rate}" if error_rate else "")
         self.failures = 0
+        self.failure_reasons: Counter[str] = Counter()
+
+    @classmethod
+    def from_config(cls, options):
+        return cls(options.verifier, error_rate=getattr(options, "verifier_error_rate", 0.0))
 
     def __repr__(self) -> str:
         return f"VerifierScorer({self.spec!r})"
@@ -49,9 +55,11 @@ class VerifierScorer:
         except Exception as err:  # a user's verifier may raise anything; one item fails, not the run
             log.warning("verifier %s failed on an item: %s: %s", self.spec, type(err).__name__, err)
             self.failures += 1
+            self.failure_reasons[f"raised_{type(err).__name__}"] += 1
             return None
         if not math.isfinite(value):
             self.failures += 1
+            self.failure_reasons["not_finite"] += 1
             return None
         if self.error_rate and is_judged_wrongly(prompt, response, self.error_rate):
             return 1.0 - value

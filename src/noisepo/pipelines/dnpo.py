@@ -82,10 +82,36 @@ class DNPORun:
         return model.eval(), tokenizer
 
     def scorer(self, cache: Path):
-        from noisepo.judges.base import make_scorer
-        from noisepo.judges.cache import CachedScorer
+        """The dsl scorer behind its cache: a `CachedComparer` (`.compare`) with `dsl.mode: pairwise`,
+        else a `CachedScorer` (`.score`)."""
+        from noisepo.judges.base import make_comparer, make_scorer
+        from noisepo.judges.cache import CachedComparer, CachedScorer
 
+        if self.config.dsl.mode == "pairwise":
+            return CachedComparer(make_comparer(self.config.dsl), cache)
         return CachedScorer(make_scorer(self.config.dsl), cache)
+
+    def judge_both(self, scorer, prompts: list[str], first: list[str], second: list[str]) -> tuple[list, list]:
+        """Pointwise: the scores of `first` and of `second`. Pairwise: P(first beats second) with
+        `first` shown as A, and P(second beats first) with `second` shown as A (the position swap).
+        One contiguous slice of the items per process (an API judge keeps its full concurrency)."""
+        if self.config.dsl.mode == "pairwise":
+            items, judge = [*zip(prompts, first, second), *zip(prompts, second, first)], scorer.compare
+        else:
+            items, judge = [*zip(prompts, first), *zip(prompts, second)], scorer.score
+        values = distributed.map_sharded(items, judge,
+                                         chunk_size=max(1, -(-len(items) // distributed.world_size())))
+        return values[:len(prompts)], values[len(prompts):]
+
+    @staticmethod
+    def judge_summary(scorer) -> dict:
+        """The cache's and judge's counts over every process: failures by reason, retries."""
+        from noisepo.judges.cache import merge_summaries
+
+        summary = merge_summaries(distributed.gather(scorer.summary()))
+        return {"failure_reasons": summary["failure_reasons"], "retries": summary["retries"],
+                "unparsable_retries": summary["unparsable_retries"], "cached": summary["cached"],
+                "judged": summary["judged"]}
 
     # ------------------------------------------------------------------ stages
     def generate(self, k: int) -> dict:
@@ -110,38 +136,42 @@ class DNPORun:
                 "identical_to_human": sum(r["response"] == r["completion"] for r in rows)}
 
     def score(self, k: int) -> dict:
-        """DSL's scores of the human and the model response of every prompt (cached as they arrive)."""
+        """DSL's judgements of every prompt's human and model response (cached as they arrive):
+        both scores (pointwise), or the verdicts of both orders (pairwise)."""
         from noisepo.judges.command import prompt_text
 
         rows = read_jsonl(self.path(k, "generations.jsonl"))
         prompts = [prompt_text(r["prompt"]) for r in rows]  # what `noisepo score` shows a judge
         scorer = self.scorer(self.path(k, "scores.cache.sqlite"))  # one SQLite file, shared by the ranks
-        items = [(p, r["completion"]) for p, r in zip(prompts, rows)] + [(p, r["response"]) for p, r in zip(prompts, rows)]
         try:
-            # One contiguous slice per process (an API judge keeps its full concurrency per call).
-            values = distributed.map_sharded(items, scorer.score,
-                                             chunk_size=max(1, -(-len(items) // distributed.world_size())))
+            human, model = self.judge_both(scorer, prompts, [r["completion"] for r in rows],
+                                           [r["response"] for r in rows])
+            counts = self.judge_summary(scorer)
         finally:
             scorer.close()
-        human, model = values[:len(rows)], values[len(rows):]
+        names = ("human_wins_as_a", "model_wins_as_a") if self.config.dsl.mode == "pairwise" else \
+            ("human_score", "model_score")
         if distributed.is_main():
             write_jsonl_atomic(self.path(k, "scores.jsonl"),
-                               [{"index": r["index"], "human_score": h, "model_score": m}
-                                for r, h, m in zip(rows, human, model)])
+                               [{"index": r["index"], names[0]: h, names[1]: m} for r, h, m in zip(rows, human, model)])
         return {"scored": len(rows), "failures": sum(h is None or m is None for h, m in zip(human, model)),
-                "scorer": scorer.identity}
+                "mode": self.config.dsl.mode, **counts, "scorer": scorer.identity}
 
     def pairs(self, k: int) -> dict:
         """SPIN pairs (chosen = human), relabelled by DSL from iteration 1 on; identical pairs dropped."""
         from noisepo.pipelines.dsl import label_pairs
 
         rows = read_jsonl(self.path(k, "generations.jsonl"))
-        human_scores = model_scores = None
+        judged = {}
         if self.config.uses_dsl(k):
             scores = read_jsonl(self.path(k, "scores.jsonl"))
-            human_scores = [s["human_score"] for s in scores]
-            model_scores = [s["model_score"] for s in scores]
-        pairs, stats = label_pairs(rows, human_scores=human_scores, model_scores=model_scores)
+            if self.config.dsl.mode == "pairwise":
+                judged = {"human_wins_as_a": [s["human_wins_as_a"] for s in scores],
+                          "model_wins_as_a": [s["model_wins_as_a"] for s in scores]}
+            else:
+                judged = {"human_scores": [s["human_score"] for s in scores],
+                          "model_scores": [s["model_score"] for s in scores]}
+        pairs, stats = label_pairs(rows, **judged)
         pairs = [{**p, "iteration": k} for p in pairs]
         write_jsonl_atomic(self.path(k, "pairs.jsonl"), pairs)
         return {"dsl": self.config.uses_dsl(k), **stats.as_dict()}
@@ -270,31 +300,40 @@ class DNPORun:
     def win_rate(self, folder: str, predictions: list[dict], previous: str) -> dict:
         """The new model's greedy responses against the previous iterate's, judged by the dsl scorer."""
         from noisepo.judges.command import prompt_text
-        from noisepo.pipelines.dsl import win_rate
+        from noisepo.pipelines.dsl import pairwise_win_rate, win_rate
 
         old = read_jsonl(self.root / previous / "eval_predictions.jsonl")
         prompts = [prompt_text(r["prompt"]) for r in self.eval_records]  # predictions keep their order
+        if len(old) != len(predictions) or len(prompts) != len(predictions):
+            raise ValueError("the win rate needs one old and one new response per evaluation prompt")
         scorer = self.scorer(self.root / folder / "win_rate.cache.sqlite")
         try:
-            new_scores = scorer.score([(q, p["response"]) for q, p in zip(prompts, predictions, strict=True)])
-            old_scores = scorer.score([(q, p["response"]) for q, p in zip(prompts, old, strict=True)])
+            new, older = self.judge_both(scorer, prompts, [p["response"] for p in predictions],
+                                         [p["response"] for p in old])
         finally:
             scorer.close()
-        result = win_rate(new_scores, old_scores)
+        result = (pairwise_win_rate if self.config.dsl.mode == "pairwise" else win_rate)(new, older)
         write_json_atomic(self.root / folder / "win_rate.json", {**result, "against": previous,
                                                                 "scorer": scorer.identity})
         return result
 
     def lm_eval(self, folder: str, model_dir: str) -> dict:
-        """lm-evaluation-harness on `model_dir` (extra 'eval'); a note instead when it is not installed."""
-        try:
-            from lm_eval import simple_evaluate
-        except ImportError:
-            return {"skipped": "lm_eval is not installed (pip install 'noisepo[eval]')"}
-        results = simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(self.config.lm_eval_tasks),
-                                  limit=self.config.lm_eval_limit)
-        table = (results or {}).get("results", {})
+        """lm-evaluation-harness on `model_dir` (extra 'eval'): lm_eval.json (per task, its metrics)
+        and lm_eval_samples.jsonl (every prompt, response and score); `noisepo:<task>` tasks are
+        the task's test prompts, scored by its own verifier (noisepo/lm_eval_tasks.py)."""
+        from noisepo.lm_eval_tasks import run_lm_eval
+
+        c = self.config
+        table, samples = run_lm_eval(model_dir, list(c.lm_eval_tasks), self.root / folder, limit=c.lm_eval_limit,
+                                     # seed 0: the test prompts load_evaluation gives --task
+                                     include_path=c.lm_eval_include, n=c.eval_limit, seed=0,
+                                     max_new_tokens=c.eval_max_new_tokens, dtype=c.dtype,
+                                     trust_remote_code=c.trust_remote_code)
+        write_jsonl_atomic(self.root / folder / "lm_eval_samples.jsonl", samples)
         write_json_atomic(self.root / folder / "lm_eval.json", table)
+        evaluation = self.root / folder / "eval.json"
+        if evaluation.is_file():  # the task evaluation's file carries lm-eval's numbers beside its own
+            write_json_atomic(evaluation, {**json.loads(evaluation.read_text(encoding="utf-8")), "lm_eval": table})
         return table
 
     def metrics(self, k: int) -> dict:
@@ -311,6 +350,8 @@ class DNPORun:
             "flipped": pairs.get("flipped"),
             "ties": pairs.get("ties"),
             "scorer_failures": pairs.get("scorer_failures"),
+            "failure_reasons": stages["score"].get("failure_reasons"),
+            "unparsable_retries": stages["score"].get("unparsable_retries"),
             "identical": pairs.get("identical"),
             "mean_human_score": pairs.get("mean_human_score"),
             "mean_model_score": pairs.get("mean_model_score"),
@@ -342,7 +383,7 @@ class DNPORun:
         initial_eval = None
         # Evaluation (greedy on held-out prompts, win rate, lm-eval), pairs and metrics run on the
         # main process alone (collective=False); generation, scoring and training on every rank.
-        if self.eval_records:  # the SFT model's numbers: the baseline, and iteration 0's win-rate opponent
+        if evaluating:  # the SFT model's numbers: the baseline, and iteration 0's win-rate opponent
             initial_eval = stage(BASE, "evaluate").run(lambda: self.evaluate(BASE, self.initial, None),
                                                        collective=False)
         iterations = []
@@ -362,6 +403,7 @@ class DNPORun:
             iterations.append(json.loads(self.path(k, "metrics.json").read_text(encoding="utf-8")))
         summary = {"iterations": [{key: m[key] for key in SUMMARY_KEYS} for m in iterations],
                    "initial_accuracy": (initial_eval or {}).get("accuracy"),
+                   "initial_lm_eval": (initial_eval or {}).get("lm_eval"),
                    "model": str(self.path(self.config.iterations - 1, "model"))}
         if distributed.is_main():
             write_json_atomic(self.root / "summary.json", summary)
@@ -369,22 +411,39 @@ class DNPORun:
 
 
 SUMMARY_KEYS = ("iteration", "dsl", "npo", "prompts", "trainable_pairs", "flipped", "ties", "scorer_failures",
-                "identical", "mean_human_score", "mean_model_score", "sigma_mean", "accuracy", "win_rate", "seconds")
+                "unparsable_retries", "identical", "mean_human_score", "mean_model_score", "sigma_mean", "accuracy", "win_rate",
+                "lm_eval", "seconds")
+
+
+def lm_eval_cell(results: dict | None) -> str:
+    """One table cell for lm-eval's results: each task's headline metric, e.g. `noisepo_addition 81.0%`."""
+    from noisepo.lm_eval_tasks import headline
+
+    if not results:
+        return "-"
+    parts = []
+    for task, metrics in results.items():
+        best = headline(metrics)
+        parts.append(f"{task} {best[1]:.1%}" if best else task)
+    return "; ".join(parts)
 
 
 def summary_table(summary: dict) -> str:
     """The per-iteration table printed at the end of a run."""
     from noisepo.pipelines.common import cell, format_table
 
-    rows = [("iter", "method", "pairs", "flipped", "identical", "mean σ", "accuracy", "win rate", "seconds")]
-    if summary.get("initial_accuracy") is not None:
-        rows.append(("sft", "-", "-", "-", "-", "-", cell(summary["initial_accuracy"], ".1%"), "-", "-"))
+    rows = [("iter", "method", "pairs", "flipped", "ties", "judge failed", "unparsable retries", "identical",
+             "mean σ", "accuracy", "win rate", "lm-eval", "seconds")]
+    if summary.get("initial_accuracy") is not None or summary.get("initial_lm_eval"):
+        rows.append(("sft", "-", "-", "-", "-", "-", "-", "-", "-", cell(summary.get("initial_accuracy"), ".1%"),
+                     "-", lm_eval_cell(summary.get("initial_lm_eval")), "-"))
     for m in summary["iterations"]:
         method = {(False, False): "spin", (True, False): "dsl", (False, True): "npo", (True, True): "dnpo"}[
             (m["dsl"], m["npo"])]
         rows.append((str(m["iteration"]), method, cell(m["trainable_pairs"]), cell(m["flipped"]),
-                     cell(m["identical"]), cell(m["sigma_mean"], ".4f"), cell(m["accuracy"], ".1%"),
-                     cell(m["win_rate"], ".1%"), cell(m["seconds"])))
+                     cell(m.get("ties") if m["dsl"] else None), cell(m.get("scorer_failures") if m["dsl"] else None),
+                     cell(m.get("unparsable_retries")), cell(m["identical"]), cell(m["sigma_mean"], ".4f"), cell(m["accuracy"], ".1%"),
+                     cell(m["win_rate"], ".1%"), lm_eval_cell(m.get("lm_eval")), cell(m["seconds"])))
     return format_table(rows)
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 from noisepo.config import option
 from noisepo.errors import ConfigError
 from noisepo.judges.config import ScorerOptions
+from noisepo.lm_eval_tasks import check_lm_eval
 from noisepo.training.config import (
     DEFAULT_NOISE_LR,
     DEFAULT_NOISE_PENALTY,
@@ -26,17 +27,49 @@ from noisepo.training.config import (
     check,
 )
 
+DSL_MODES = ("pointwise", "pairwise")
+PAIRWISE_SCORERS = ("openai", "local-lm", "pairwise-rm")  # judges.base.COMPARERS' names
+
 
 @dataclass
 class DSLOptions(ScorerOptions):
     """Dynamic Sample Labeling (METHODS §4.1): the scorer that judges the human and the model response."""
 
+    scorer: Literal["openai", "reward-model", "verifier", "local-lm", "pairwise-rm"] = option(
+        "openai", "openai: an LLM judge over an OpenAI-compatible chat API; reward-model: a local "
+                  "sequence-classification model; verifier: a task verifier or pkg.mod:function; local-lm: a "
+                  "local causal LM prompted as a judge; pairwise-rm (mode pairwise only): a PairRM-style "
+                  "object by import path (pairwise_model). Pairwise mode takes openai, local-lm or pairwise-rm.")
     enabled: bool = option(True, "Relabel pairs by the scorer from iteration 1 on (off: SPIN's labels, "
                                  "chosen = the human response).")
+    mode: Literal["pointwise", "pairwise"] = option(
+        "pointwise", "pointwise: the human and the model response are scored alone and the pair flips when "
+                     "the model's scores strictly higher; pairwise: the judge says which of the two is "
+                     "better, asked in both orders (A/B swapped), and the pair flips only when the model's "
+                     "wins both; orders that disagree are a tie (counted, the pair stays unflipped).")
+    pairwise_model: str | None = option(None, "pairwise-rm: import path pkg.mod:attr of an object with "
+                                              "compare(prompt, response_a, response_b) -> P(A better) in [0, 1] "
+                                              "or a bool (a class or factory there is called once, with no "
+                                              "arguments).")
 
     def __post_init__(self):
+        check(self.mode in DSL_MODES, "mode", f"must be one of {', '.join(DSL_MODES)}; got {self.mode!r}")
         if self.enabled:  # a disabled DSL needs no reachable scorer
-            super().__post_init__()
+            self.check_scorer()
+
+    def check_scorer(self) -> None:
+        """The scorer options, and that the scorer can judge in this mode (also for the win rate)."""
+        ScorerOptions.__post_init__(self)
+        if self.mode == "pairwise":
+            check(self.scorer in PAIRWISE_SCORERS, "scorer",
+                  f"{self.scorer} cannot compare two responses; with mode pairwise use one of "
+                  f"{', '.join(PAIRWISE_SCORERS)}")
+        else:
+            check(self.scorer != "pairwise-rm", "scorer",
+                  "pairwise-rm compares two responses: use it with mode pairwise")
+        if self.scorer == "pairwise-rm":
+            check(bool(self.pairwise_model), "pairwise_model",
+                  "is required for the pairwise-rm scorer (an import path pkg.mod:attr)")
 
 
 @dataclass
@@ -173,9 +206,14 @@ class DNPOConfig:
     win_rate: bool = option(False, "After each iteration, judge the new model's evaluation responses "
                                    "against the previous iterate's with the dsl scorer's options.")
     lm_eval_tasks: list[str] = option(default_factory=list,
-                                      help="lm-evaluation-harness tasks run on each iteration's model (extra "
-                                           "'eval'; skipped with a note when lm_eval is not installed).")
+                                      help="lm-evaluation-harness tasks run on the SFT model and each iteration's "
+                                           "(extra 'eval'): lm-eval names (hellaswag, ...) or noisepo:TASK, a "
+                                           "noisepo task's test prompts (--eval-limit of them) as an lm-eval "
+                                           "generate_until task scored by the task's verifier "
+                                           "(noisepo:addition, noisepo:mypkg.mod:Task).")
     lm_eval_limit: int | None = option(None, "lm-eval: examples per task (null: all).")
+    lm_eval_include: str | None = option(None, "lm-eval: a folder of your own task YAMLs (TaskManager "
+                                               "include_path).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype when loading.")
     trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
     skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
@@ -200,9 +238,10 @@ class DNPOConfig:
         check(not (self.robust.loss != "dpo" and self.npo.enabled), "robust.loss",
               f"NPO is defined on the DPO loss (METHODS §4.2); use --no-npo.enabled with --robust.loss "
               f"{self.robust.loss}")
+        check_lm_eval(self.lm_eval_tasks, self.lm_eval_include)  # before any output: missing extra, unknown task
         if self.win_rate and not self.dsl.enabled:  # the win rate uses the scorer even without DSL
             try:
-                ScorerOptions.__post_init__(self.dsl)
+                self.dsl.check_scorer()
             except ConfigError as err:
                 err.key = f"dsl.{err.key}" if err.key else err.key
                 raise
