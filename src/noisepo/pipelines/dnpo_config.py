@@ -17,6 +17,7 @@ from typing import Literal
 
 from noisepo.config import option
 from noisepo.errors import ConfigError
+from noisepo.generation.config import BackendOptions
 from noisepo.judges.config import ScorerOptions
 from noisepo.lm_eval_tasks import check_lm_eval
 from noisepo.training.config import (
@@ -162,8 +163,9 @@ class RobustOptions:
 
 
 @dataclass
-class GenerationOptions:
-    """How each iteration samples the model's own responses (greedy by default, METHODS §3)."""
+class GenerationOptions(BackendOptions):
+    """How each iteration samples the model's own responses (greedy by default, METHODS §3), and with
+    which engine (`backend`: transformers or vllm)."""
 
     max_new_tokens: int = option(256, "Most new tokens per response.")
     temperature: float = option(0.0, "0: greedy (the default of SPIN's and DNPO's pipelines).")
@@ -175,6 +177,7 @@ class GenerationOptions:
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        BackendOptions.__post_init__(self)
 
 
 @dataclass

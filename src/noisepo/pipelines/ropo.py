@@ -361,22 +361,26 @@ class ROPORun:
                 write_jsonl_atomic(self.path(r, "refills.jsonl"), [])
             return {"prompts": 0, "refills": 0, "skipped": reason}
         from noisepo.data.chat import render_prompt, response_text
+        from noisepo.generation.backends import open_generator
         from noisepo.generation.base import GenerationParams
-        from noisepo.generation.transformers_backend import TransformersGenerator
         from noisepo.pipelines.common import pair_logps, response_logps
 
         originals = self.originals()
         kept = [row["kept"] for row in read_jsonl(self.path(r, "pairs.jsonl"))]
         groups = discarded_groups(originals, kept)
         prompts = [originals[group[0]]["prompt"] for group in groups]
-        model, tokenizer = self.models.get(self.model_of(r))
-        prompt_texts = [render_prompt(tokenizer, p) for p in prompts]
         samples: list[list[str]] = [[] for _ in groups]
         if c.samples > 0 and groups:
             params = GenerationParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                       num_samples=c.samples, seed=c.seed + r)
-            samples = TransformersGenerator(model, tokenizer, batch_size=c.generation_batch_size,
-                                            progress=c.progress, shard=True).generate(prompt_texts, params)
+            if c.generation.backend == "vllm":
+                self.models.release()  # vLLM loads the folder itself; the HF copy comes back for the log-probs
+            with open_generator(c.generation, str(self.model_of(r)), load=lambda: self.models.get(self.model_of(r)),
+                                batch_size=c.generation_batch_size, progress=c.progress, shard=True, dtype=c.dtype,
+                                trust_remote_code=c.trust_remote_code) as (generator, tokenizer):
+                samples = generator.generate([render_prompt(tokenizer, p) for p in prompts], params)
+        model, tokenizer = self.models.get(self.model_of(r))
+        prompt_texts = [render_prompt(tokenizer, p) for p in prompts]
         candidates = [candidates_of(originals, group, s) for group, s in zip(groups, samples)]
         flat_prompts = [p for p, (texts, _) in zip(prompts, candidates) for _ in texts]
         flat_texts = [t for texts, _ in candidates for t in texts]
@@ -405,7 +409,7 @@ class ROPORun:
             judged = [x for x in refills if x["chosen_score"] is not None and x["rejected_score"] is not None]
             summary["verified_better"] = sum(x["chosen_score"] > x["rejected_score"] for x in judged)
             summary["verified_judged"] = len(judged)
-        return {"prompts": len(groups), "samples_per_prompt": c.samples, **summary}
+        return {"prompts": len(groups), "samples_per_prompt": c.samples, "backend": c.generation.backend, **summary}
 
     def metrics(self, r: int) -> dict:
         """round_<r>/metrics.json: the stage summaries, and the headline numbers at the top level."""
@@ -516,6 +520,9 @@ def ropo(config: ROPOConfig) -> dict:
 
     loaded = load_preferences(config.data, skip_invalid=config.skip_invalid)
     scorer, eval_records = load_evaluation(config)  # found before any training
+    from noisepo.generation.backends import check_backend
+
+    check_backend(config.generation, config.model, key_prefix="generation.")  # before the run folder exists
     records = loaded.records
     texts = [response_text(r[k]) for r in records for k in ("prompt", "chosen", "rejected")]
     texts += [response_text(r["prompt"]) for r in eval_records]

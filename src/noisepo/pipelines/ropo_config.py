@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from noisepo.config import option
+from noisepo.generation.config import BackendOptions
 from noisepo.training.config import LossName, OptimOptions, check, warn_small_alpha
 
 
@@ -60,6 +61,9 @@ class ROPOConfig:
     skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
     training: OptimOptions = option(default_factory=OptimOptions,
                                     help="How each round trains (one epoch on the kept set by default).")
+    generation: BackendOptions = option(default_factory=BackendOptions,
+                                        help="The engine that samples the refill candidates: transformers or "
+                                             "vllm (--generation.backend vllm).")
 
     def __post_init__(self):
         check(bool(self.model), "model", "is required (a model folder, hub name or preset)")

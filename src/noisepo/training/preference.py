@@ -275,13 +275,18 @@ def training_arguments(config, **overrides) -> TrainingArguments:
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, report_to="none",
         run_name="/".join(Path(config.output).parts[-2:]),  # a tracker's run name: e.g. dnpo/iter_1
-        activation_checkpointing=config.gradient_checkpointing, remove_unused_columns=False,
+        remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without a GPU, processes started by torchrun / accelerate (--multi_gpu or
         # configs/accelerate/cpu.yaml) must say CPU, or accelerate sees no distributed setup at all.
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=False,  # every trained weight is used in each step (LoRA: its adapters)
     )
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
+    # earlier 5.x releases, which the package allows, know only the old one.
+    fields = TrainingArguments.__dataclass_fields__
+    values["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = \
+        config.gradient_checkpointing
     values.update(overrides)
     return TrainingArguments(**values)
 
