@@ -123,10 +123,79 @@ def test_refill_pairs_take_the_highest_and_lowest_reward():
     assert [(x["chosen"], x["rejected"]) for x in refills] == [
         ("y", "x"), ([{"role": "assistant", "content": "w"}], [{"role": "assistant", "content": "u"}])]
     assert refills[0]["id"] == "refill-1-0" and refills[1]["refill_of"] == [2]
-    assert summary == {"refills": 2, "identical_skipped": 1, "reoriented": 1, "reoriented_flipped": 1,
+    assert summary == {"rule": "best-worst", "refills": 2, "identical_skipped": 1, "declined": 0, "reoriented": 1,
+                       "reoriented_flipped": 1,
                        "sources": {"original_rejected>original_chosen": 1, "sample>original_chosen": 1}}
     with pytest.raises(ValueError):
         refill_pairs(records, groups, candidates, rewards[:-1], round_index=1)
+
+
+def test_replace_rejected_keeps_the_chosen_against_the_least_preferred_sample():
+    records = [{"prompt": "p", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+               {"prompt": "r", "chosen": "c", "rejected": "d"}]
+    candidates = [candidates_of(records, [0], ["s", "t"]),  # x, y, s, t
+                  candidates_of(records, [1], []),  # a, b: no sample -> nothing to replace with
+                  candidates_of(records, [2], ["c"])]  # c, d: the only sample is the chosen itself
+    rewards = [-5.0, -9.0, 1.0, -2.0,  # p: y is the lowest of all, but only samples replace: t
+               0.0, 1.0,
+               0.0, 1.0]
+    refills, summary = refill_pairs(records, [[0], [1], [2]], candidates, rewards, round_index=0,
+                                    rule="replace-rejected")
+    assert [(x["chosen"], x["rejected"]) for x in refills] == [("x", "t")]
+    assert summary["identical_skipped"] == 2 and summary["sources"] == {"original_chosen>sample": 1}
+
+
+def test_ranked_keeps_a_refill_only_when_its_loss_ranks_among_the_kept():
+    from noisepo.pipelines.ropo import ropo_loss_of_margin
+
+    records = [{"prompt": "p", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    candidates = [candidates_of(records, [0], ["s"]), candidates_of(records, [1], ["e"])]
+    rewards = [0.0, -3.0, 0.5,  # p: s vs y, margin 3.5 -> a small loss
+               0.0, 0.05, 0.1]  # q: e vs a, margin 0.1 -> about ln 2 + α/2 scaled: large
+    kept = [ropo_loss_of_margin(1.0, 14.0), ropo_loss_of_margin(2.0, 14.0)]  # the kept set's worst: margin 1
+    refills, summary = refill_pairs(records, [[0], [1]], candidates, rewards, round_index=0, rule="ranked",
+                                    alpha=14.0, kept_losses=kept)
+    assert [(x["chosen"], x["rejected"]) for x in refills] == [("s", "y")]
+    assert summary["declined"] == 1
+    everything, _ = refill_pairs(records, [[0], [1]], candidates, rewards, round_index=0, rule="best-worst")
+    assert len(everything) == 2  # the same pairs, none declined
+
+
+def test_ropo_loss_of_a_margin_matches_the_loss_function():
+    import torch
+
+    from noisepo.losses import ropo
+    from noisepo.pipelines.ropo import ropo_loss_of_margin
+
+    for h in (-800.0, -3.0, 0.0, 0.7, 40.0):
+        expected = ropo(torch.tensor([h]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]),
+                        beta=1.0, alpha=14.0)
+        assert ropo_loss_of_margin(h, 14.0) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, key", [(["--refill-rule", "nearest"], "refill"), (["--rho", "0"], "rho"),
+                                       (["--rho", "1.5"], "rho"), (["--samples", "1"], "samples"),
+                                       (["--refill-rule", "replace-rejected", "--samples", "0"], "samples")])
+def test_bad_refill_options_exit_2_naming_the_option(micro_model_dir, tmp_path, capsys, argv, key):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8))
+    try:
+        status = ropo_cli(micro_model_dir, data, tmp_path / "out", *argv)
+    except SystemExit as stop:  # argparse refuses a choice it does not offer, with its usage line
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2 and key in err.replace("-", "_") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ropo_help_says_what_each_refill_rule_does(capsys):
+    from noisepo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["ropo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for rule, words in (("best-worst", "highest, lowest implicit"), ("replace-rejected", "own chosen against"),
+                        ("ranked", "ranks among the kept")):
+        assert rule in text and words in text
 
 
 # --------------------------------------------------------------------------- the loop
@@ -238,7 +307,7 @@ def test_bad_options_and_a_changed_config_exit_2(micro_model_dir, tmp_path, caps
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--verifier", "m:score") == 2
     assert "'eval_data'" in capsys.readouterr().err
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "0") == 0
-    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "1") == 2
+    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "2") == 2
     assert "different config" in capsys.readouterr().err
 
 
@@ -310,3 +379,20 @@ def test_yaml_config_with_a_training_section(tmp_path):
     assert (config.rho, config.rounds, config.filter, config.filtering) == (0.3, 2, False, False)
     assert (config.training.learning_rate, config.training.max_steps) == (0.001, 7)
     assert (config.alpha, config.samples, ROPOConfig(model="m", data="d", output="o").rounds) == (14.0, 4, 3)
+
+
+@pytest.mark.parametrize("rule", ["replace-rejected", "ranked"])
+def test_each_refill_rule_runs_in_the_loop(micro_model_dir, tmp_path, rule):
+    """Through `noisepo ropo`: the rule is the refill stage's, its pairs have the rule's shape."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(16))
+    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "2", "--rho", "0.25", "--samples", "2",
+                    "--refill-rule", rule) == 0
+    summary = json.loads((tmp_path / "out" / "round_0" / ".refill.done").read_text())
+    assert summary["rule"] == rule and summary["prompts"] >= 1
+    refills = read_jsonl(tmp_path / "out" / "round_0" / "refills.jsonl")
+    assert summary["refills"] == len(refills)
+    if rule == "replace-rejected":
+        assert refills and all((x["chosen_source"], x["rejected_source"]) == ("original_chosen", "sample")
+                               for x in refills)
+    else:
+        assert summary["refills"] + summary["declined"] + summary["identical_skipped"] == summary["prompts"]

@@ -161,7 +161,7 @@ def test_a_real_process_prints_one_line_and_no_traceback(command, argv, tmp_path
                           timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
-    expected = {"dnpo": "'beta': must be > 0", "ropo": "'rho': must be in [0, 1)",
+    expected = {"dnpo": "'beta': must be > 0", "ropo": "'rho': must be in (0, 1)",
                 "report": f"{run / 'manifest.json'}: not valid JSON"}[command]
     assert line.startswith(f"noisepo {command}: error: ") and expected in line, line
     assert not (tmp_path / "out").exists()
@@ -191,8 +191,8 @@ BAD_CONFIGS = [
     (("train", "dnpo", "spin", "ropo"), "beta: -0.1\n", "beta", "must be > 0"),
     (("train", "ropo"), "label_smoothing: 0.5\n", "label_smoothing", "must be in [0, 0.5)"),
     (("train", "ropo"), "label_smoothing: -0.01\n", "label_smoothing", "must be in [0, 0.5)"),
-    (("ropo",), "rho: 1.0\n", "rho", "must be in [0, 1)"),
-    (("ropo",), "rho: -0.2\n", "rho", "must be in [0, 1)"),
+    (("ropo",), "rho: 1.0\n", "rho", "must be in (0, 1)"),
+    (("ropo",), "rho: -0.2\n", "rho", "must be in (0, 1)"),
     (("ropo",), "alpha: 0\n", "alpha", "must be > 0"),
     (("dnpo", "spin", "ropo"), "training: {learning_rate: fast}\n", "training.learning_rate", "must be float"),
     (("dnpo", "spin", "ropo"), "training: {lerning_rate: 0.1}\n", "training.lerning_rate", "unknown"),
@@ -292,7 +292,7 @@ def test_a_bad_eval_file_stops_a_loop_before_any_stage_and_keeps_a_finished_run(
     evals.write_text("".join(json.dumps({"prompt": f"{i}+2=", "answer": str(i + 2)}) + "\n" for i in range(3)))
     out = tmp_path / "run"
     argv = ["ropo", "--model", micro_model_dir, "--data", str(data), "--output", str(out), "--eval-data", str(evals),
-            "--rounds", "1", "--no-progress", "--samples", "1", "--max-new-tokens", "2", "--eval-max-new-tokens", "2",
+            "--rounds", "1", "--no-progress", "--samples", "2", "--max-new-tokens", "2", "--eval-max-new-tokens", "2",
             "--training.max-steps", "1", "--training.report-to", "none", "--training.max-length", "32"]
     assert main(argv) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}

@@ -56,7 +56,7 @@ def test_a_full_disk_mid_loop_keeps_the_finished_stages_and_a_rerun_resumes(micr
                              + "\n" for i in range(8)))
     out = tmp_path / "run"
     argv = ["ropo", "--model", micro_model_dir, "--data", str(pairs), "--output", str(out), "--rounds", "1",
-            "--no-progress", "--samples", "1", "--max-new-tokens", "2", "--training.max-steps", "1",
+            "--no-progress", "--samples", "2", "--max-new-tokens", "2", "--training.max-steps", "1",
             "--training.report-to", "none", "--training.max-length", "32"]
     assert_one_line(run_with_file_limit(argv, limit=64 * 1024), "ropo")  # the model (weights) does not fit
     reference = (out / "reference" / "pairs.jsonl").read_bytes()

@@ -106,7 +106,7 @@ def test_a_nan_loss_in_a_loop_stops_it_keeping_the_finished_stages(micro_model_d
                             for i in range(8)))
     out = tmp_path / "run"
     argv = ["ropo", "--model", micro_model_dir, "--data", str(data), "--output", str(out), "--rounds", "1",
-            "--no-progress", "--samples", "1", "--max-new-tokens", "2", "--training.max-steps", "2",
+            "--no-progress", "--samples", "2", "--max-new-tokens", "2", "--training.max-steps", "2",
             "--training.batch-size", "4", "--training.report-to", "none", "--training.max-length", "32"]
     poison(monkeypatch, PreferenceTrainer, from_step=2)
     assert main(argv) == 3

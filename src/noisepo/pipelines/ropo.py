@@ -151,31 +151,64 @@ def as_response(text: str, like) -> str | list[dict]:
     return text if isinstance(like, str) else [{"role": "assistant", "content": text}]
 
 
+def ropo_loss_of_margin(h: float, alpha: float) -> float:
+    """ℓ_ropo of one pair whose β-scaled margin is `h` (losses.ropo, without tensors)."""
+    from noisepo.losses import ropo_scale
+
+    # −log σ(h) = softplus(−h), computed stably; σ(−h) = 1 / (1 + e^h)
+    softplus = max(-h, 0.0) + math.log1p(math.exp(-abs(h)))
+    sigmoid = 1.0 / (1.0 + math.exp(h)) if h > -700 else 1.0
+    return ropo_scale(alpha) * (softplus + alpha * sigmoid)
+
+
 def refill_pairs(records: list[dict], groups: list[list[int]], candidates: list[tuple[list[str], list[str]]],
-                 rewards: list[float], *, round_index: int) -> tuple[list[dict], dict]:
-    """The refill of each discarded prompt (METHODS §5.2): chosen = its highest-reward candidate,
-    rejected = its lowest; none when those are the same text (or there are fewer than two).
+                 rewards: list[float], *, round_index: int, rule: str = "best-worst", alpha: float = 14.0,
+                 kept_losses: list[float] | None = None) -> tuple[list[dict], dict]:
+    """The refill of each discarded prompt (METHODS §5.2), by `rule`:
+
+    - best-worst: chosen = its highest-reward candidate, rejected = its lowest (the samples and both
+      original responses); none when those are the same text (or there are fewer than two).
+    - replace-rejected: the discarded pair's own chosen, against the sample the current model finds
+      least likely to be preferred (lowest implicit reward); none without a sample unlike the chosen.
+    - ranked: best-worst's pair, kept only when its own ℓ_ropo (of its reward margin) ranks among
+      the kept set's (≤ the largest kept ℓ_ropo, `kept_losses`); otherwise none (counted).
 
     `candidates[g]` = (texts, sources) of group g (`candidates_of`); `rewards` = the implicit rewards
     of every candidate, groups concatenated. Returns (refills without reference columns, summary):
-    the summary counts the (chosen source > rejected source) kinds and the refills that merely turned
-    an original pair around (`reoriented`; `reoriented_flipped` of them undid a known label flip).
+    the summary counts the (chosen source > rejected source) kinds, the refills that merely turned
+    an original pair around (`reoriented`; `reoriented_flipped` of them undid a known label flip) and
+    the pairs a rule declined (`declined`).
     """
+    from noisepo.data.chat import response_text
+
     flipped = _flipped(records)
-    refills, sources, identical, reoriented, corrected, start = [], Counter(), 0, 0, 0, 0
+    threshold = max((x for x in kept_losses or [] if math.isfinite(x)), default=math.inf)
+    refills, sources, identical, reoriented, corrected, declined, start = [], Counter(), 0, 0, 0, 0, 0
     for group, (texts, origin) in zip(groups, candidates, strict=True):
         group_rewards = rewards[start:start + len(texts)]
         start += len(texts)
-        choice = best_worst_pair(texts, group_rewards) if len(texts) >= 2 else None
-        if choice is None:
-            identical += 1
-            continue
-        best, worst = choice
+        first = records[group[0]]
+        if rule == "replace-rejected":
+            chosen_text = response_text(first["chosen"])
+            best = texts.index(chosen_text) if chosen_text in texts else None
+            samples = [i for i, o in enumerate(origin) if o == "sample" and texts[i] != chosen_text]
+            if best is None or not samples:
+                identical += 1
+                continue
+            worst = min(samples, key=lambda i: group_rewards[i])
+        else:
+            choice = best_worst_pair(texts, group_rewards) if len(texts) >= 2 else None
+            if choice is None:
+                identical += 1
+                continue
+            best, worst = choice
+            if rule == "ranked" and ropo_loss_of_margin(group_rewards[best] - group_rewards[worst], alpha) > threshold:
+                declined += 1
+                continue
         sources[f"{origin[best]}>{origin[worst]}"] += 1
         if len(group) == 1 and (origin[best], origin[worst]) == ("original_rejected", "original_chosen"):
             reoriented += 1
             corrected += bool(flipped and flipped[group[0]])
-        first = records[group[0]]
         refills.append({"prompt": first["prompt"], "chosen": as_response(texts[best], first["chosen"]),
                         "rejected": as_response(texts[worst], first["rejected"]),
                         "id": f"refill-{round_index}-{group[0]}", "round": round_index, "refill_of": group,
@@ -183,8 +216,8 @@ def refill_pairs(records: list[dict], groups: list[list[int]], candidates: list[
                         "chosen_reward": group_rewards[best], "rejected_reward": group_rewards[worst]})
     if start != len(rewards):
         raise ValueError(f"{len(rewards)} rewards for {start} candidates")
-    summary = {"refills": len(refills), "identical_skipped": identical, "sources": dict(sources),
-               "reoriented": reoriented}
+    summary = {"rule": rule, "refills": len(refills), "identical_skipped": identical, "declined": declined,
+               "sources": dict(sources), "reoriented": reoriented}
     if flipped is not None:
         summary["reoriented_flipped"] = corrected
     return refills, summary
@@ -392,7 +425,9 @@ class ROPORun:
                                    shard=True)
         rewards = [c.beta * (p - q) for p, q in zip(policy, reference)]
 
-        refills, summary = refill_pairs(originals, groups, candidates, rewards, round_index=r)
+        kept_losses = [row["loss"] for row in read_jsonl(self.path(r, "pairs.jsonl")) if row["kept"]]
+        refills, summary = refill_pairs(originals, groups, candidates, rewards, round_index=r, rule=c.refill_rule,
+                                        alpha=c.alpha, kept_losses=kept_losses)
         if self.scorer is not None:
             by_index = {group[0]: text for group, text in zip(groups, prompt_texts)}
             for refill in refills:

@@ -36,8 +36,15 @@ class ROPOConfig:
     rho: float = option(0.2, "ρ: fraction of the original pairs discarded each round, in [0, 1).")
     refill: bool = option(True, "Refill each discarded prompt by rejection sampling (METHODS §5.2); "
                                 "--no-refill: train on the kept originals only.")
-    samples: int = option(4, "K: responses sampled per discarded prompt; candidates are these plus the "
-                             "two original responses.")
+    refill_rule: Literal["best-worst", "replace-rejected", "ranked"] = option(
+        "best-worst", "How a discarded prompt is refilled (METHODS §5.2; the paper names robustness-guided "
+                      "rejection sampling but not its rule). best-worst: the pair (highest, lowest implicit "
+                      "reward β·log π/π_ref) among the K samples and both original responses. replace-rejected: "
+                      "the discarded pair's own chosen against the sample the current model finds least "
+                      "likely to be preferred (lowest implicit reward). ranked: best-worst's pair, kept only "
+                      "when its own ℓ_ropo ranks among the kept set's (≤ the largest kept ℓ_ropo).")
+    samples: int = option(4, "K: responses sampled per discarded prompt (>= 2; 0: no sampling, best-worst "
+                             "and ranked then choose between the two original responses).")
     temperature: float = option(0.7, "Sampling temperature of the refill candidates.")
     top_p: float = option(1.0, "Nucleus mass of the refill candidates.")
     max_new_tokens: int = option(64, "Most new tokens per sampled candidate.")
@@ -74,8 +81,14 @@ class ROPOConfig:
         warn_small_alpha(self.alpha)  # the filter scores with ℓ_ropo whatever the training loss
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-        check(0 <= self.rho < 1, "rho", f"must be in [0, 1), got {self.rho}")
-        check(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
+        check(0 < self.rho < 1 or not self.filter, "rho",
+              f"must be in (0, 1), got {self.rho} (--no-filter trains on every pair)")
+        check(self.samples == 0 or self.samples >= 2, "samples",
+              f"K must be >= 2 (or 0: no sampling), got {self.samples}: one sample has nothing to be compared with")
+        check(self.refill_rule in ("best-worst", "replace-rejected", "ranked"), "refill_rule",
+              f"must be one of best-worst, replace-rejected, ranked; got {self.refill_rule!r}")
+        check(not (self.refill and self.filter and self.refill_rule == "replace-rejected" and self.samples == 0),
+              "samples", "replace-rejected needs samples (K >= 2) to replace the rejected response with")
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         for key in ("max_new_tokens", "score_batch_size", "generation_batch_size", "eval_limit",
