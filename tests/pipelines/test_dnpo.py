@@ -237,3 +237,32 @@ def test_robust_arm_trains_with_ropo_on_the_pairs_its_filter_keeps(micro_model_d
     assert not (out / "iter_1" / "probe" / "model").exists()
     metrics = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert metrics["loss"] == "ropo" and metrics["filter"]["discarded"] == len(pairs) - len(kept)
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_the_robust_filter_scores_against_the_reference_it_is_given(micro_model_dir, sft_data, tmp_path, reference):
+    """Claim C's fix (issue 23): by default the filter's reference is the SFT model in every iteration,
+    not the previous iterate; which one was used is in the filter's summary, and the scores differ."""
+    out = tmp_path / reference
+    argv = ["dnpo", "--model", micro_model_dir, "--data", sft_data, "--output", str(out), *FAST, "--iterations", "3",
+            "--dsl.scorer", "verifier", "--dsl.verifier", "addition", "--dsl.verifier-error-rate", "0.3",
+            "--robust.loss", "ropo", "--robust.rho", "0.25", "--no-npo.enabled",
+            "--robust.filter-reference", reference]
+    assert main(argv) == 0
+    second = json.loads((out / "iter_2" / "train.json").read_text())["filter"]
+    expected = micro_model_dir if reference == "initial" else str(out / "iter_1" / "model")
+    assert second["filter_reference"] == expected
+    assert "filter_precision" in json.loads((out / "iter_2" / "metrics.json").read_text())
+
+
+def test_a_fixed_filter_reference_changes_the_scores(micro_model_dir, sft_data, tmp_path):
+    losses = {}
+    for reference in ("initial", "previous"):
+        out = tmp_path / reference
+        assert main(["dnpo", "--model", micro_model_dir, "--data", sft_data, "--output", str(out), *FAST,
+                     "--iterations", "3", "--dsl.scorer", "verifier", "--dsl.verifier", "addition",
+                     "--robust.loss", "ropo", "--robust.rho", "0.25", "--no-npo.enabled",
+                     "--robust.filter-reference", reference]) == 0
+        losses[reference] = [r["ropo_loss"] for r in read_jsonl(out / "iter_2" / "filter.jsonl")]
+    # from iteration 1 on, "previous" is a trained iterate (policy_k = iter_{k-1}/model), not the SFT model
+    assert losses["initial"] != pytest.approx(losses["previous"], rel=1e-3)

@@ -238,8 +238,9 @@ class DNPORun:
 
     def filter_pairs(self, k: int, records: list[dict], fit) -> tuple[list[dict], dict]:
         """ROPO's filter on iteration k's pairs (METHODS §5.1 steps 1-3, `--robust.rho`): train on every
-        pair (OUTPUT/iter_k/probe), score each pair with ℓ_ropo under that model against the iteration's
-        reference (policy_k), keep the (1−ρ)N lowest. With a task, a pair whose chosen response scores
+        pair (OUTPUT/iter_k/probe), score each pair with ℓ_ropo under that model against
+        `robust.filter_reference` (default the SFT model, fixed: against policy_k the reference moved
+        with the pairs it judged), keep the (1−ρ)N lowest. With a task, a pair whose chosen response scores
         lower under the task's own verifier than its rejected one is counted as wrongly labelled, so the
         filter's precision and recall are known."""
         from noisepo.judges.command import prompt_text
@@ -251,7 +252,9 @@ class DNPORun:
         probe = self.root / iteration_folder(k) / "probe"
         fit(records, probe)
         scored = {}
-        for name, model_dir in (("reference", self.policy(k)), ("probe", str(probe / "model"))):
+        reference = {"initial": self.initial, "previous": self.policy(k)}.get(c.robust.filter_reference,
+                                                                           c.robust.filter_reference)
+        for name, model_dir in (("reference", reference), ("probe", str(probe / "model"))):
             model, tokenizer = load_policy(model_dir, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
             scored[name] = pair_logps(model.eval(), tokenizer, records, max_length=c.training.max_length,
                                       progress=c.progress, shard=True)
@@ -261,6 +264,7 @@ class DNPORun:
         losses, _ = ropo_scores(scored["probe"], with_reference, beta=c.beta, alpha=c.robust.alpha)
         kept = select_kept(losses, c.robust.rho)
         summary = {"pairs": len(records), "kept": sum(kept), "discarded": len(kept) - sum(kept),
+                   "filter_reference": reference,
                    "mean_loss_kept": _mean([x for x, keep in zip(losses, kept) if keep]),
                    "mean_loss_discarded": _mean([x for x, keep in zip(losses, kept) if not keep])}
         if self.task is not None and callable(getattr(self.task, "score", None)):

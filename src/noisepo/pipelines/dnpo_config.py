@@ -156,10 +156,16 @@ class RobustOptions:
                              "on every pair, scores every pair with ℓ_ropo under that model, then trains again "
                              "from the same start on the (1−ρ)N pairs of lowest ℓ_ropo (0: no filter, one "
                              "training).")
+    filter_reference: str = option("initial", "The reference of the filter's ℓ_ropo scores: initial (the SFT "
+                                              "model, fixed across iterations), previous (the iteration's own "
+                                              "reference, policy_k: it drifts with the pairs it judges, and "
+                                              "inverted the filter by iteration 3 in experiment C), or a model "
+                                              "folder.")
 
     def __post_init__(self):
         check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         check(0 <= self.rho < 1, "rho", f"must be in [0, 1), got {self.rho}")
+        check(bool(self.filter_reference), "filter_reference", "is required: initial, previous or a model folder")
 
 
 @dataclass
