@@ -396,3 +396,18 @@ def test_each_refill_rule_runs_in_the_loop(micro_model_dir, tmp_path, rule):
                                for x in refills)
     else:
         assert summary["refills"] + summary["declined"] + summary["identical_skipped"] == summary["prompts"]
+
+
+def test_the_round_table_warns_when_accuracy_or_the_filter_goes_backwards():
+    from noisepo.pipelines.ropo import summary_table
+
+    def round_(r, accuracy, auroc):
+        return {"round": r, "trained_pairs": 10, "kept": 8, "refills": 2, "filter_precision": 0.5,
+                "filter_recall": 0.5, "auroc_flipped": auroc, "accuracy": accuracy, "seconds": 1.0}
+
+    table = summary_table({"initial_accuracy": 0.5, "rounds": [round_(0, 0.6, 0.8), round_(1, 0.4, 0.45)]})
+    warnings = [line for line in table.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: round 1's accuracy 40.0% is below the initial model's 50.0%",
+                        "warning: round 1's filter AUROC 0.450 is below round 0's 0.800 (below chance)"]
+    calm = summary_table({"initial_accuracy": 0.5, "rounds": [round_(0, 0.6, 0.8), round_(1, 0.7, 0.85)]})
+    assert "warning" not in calm

@@ -544,7 +544,26 @@ def summary_table(summary: dict) -> str:
         rows.append((str(m["round"]), cell(m["trained_pairs"]), cell(m["kept"]), cell(m["refills"]),
                      cell(m["filter_precision"], ".3f"), cell(m["filter_recall"], ".3f"),
                      cell(m["auroc_flipped"], ".3f"), cell(m["accuracy"], ".1%"), cell(m["seconds"])))
-    return format_table(rows)
+    return "\n".join([format_table(rows), *summary_warnings(summary)])
+
+
+def summary_warnings(summary: dict) -> list[str]:
+    """Lines that say when a run went backwards: a round's accuracy below the initial model's, or the
+    filter's AUROC (flipped vs clean) below round 0's (the filter degrading, e.g. scoring with a model
+    the refills broke). A user who sees neither can trust the table's direction."""
+    lines = []
+    start = summary.get("initial_accuracy")
+    rounds = summary.get("rounds") or []
+    first_auroc = rounds[0].get("auroc_flipped") if rounds else None
+    for m in rounds:
+        if start is not None and m.get("accuracy") is not None and m["accuracy"] < start:
+            lines.append(f"warning: round {m['round']}'s accuracy {m['accuracy']:.1%} is below the initial model's "
+                         f"{start:.1%}")
+        auroc = m.get("auroc_flipped")
+        if m["round"] > 0 and first_auroc is not None and auroc is not None and auroc < first_auroc:
+            lines.append(f"warning: round {m['round']}'s filter AUROC {auroc:.3f} is below round 0's {first_auroc:.3f}"
+                         + (" (below chance)" if auroc < 0.5 else ""))
+    return lines
 
 
 def ropo(config: ROPOConfig) -> dict:
