@@ -33,16 +33,24 @@ def random_case(seed=0, dtype=torch.float64, B=3, T=9, d=6, V=13):
     return hidden, weight, labels
 
 
+def capped(logits, softcap):
+    """Gemma-2's final soft-capping as transformers writes it."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
-def test_hidden_path_equals_naive_values_and_gradients(chunk_size):
+def test_hidden_path_equals_naive_values_and_gradients(chunk_size, softcap):
+    """softcap 1.5 with logits of size ~3: tanh far from linear, so a missing cap or cap' shows."""
     hidden, weight, labels = random_case()
     bias = torch.randn(weight.shape[0], dtype=weight.dtype)
     ours_inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     naive_inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
 
     ours = sequence_logps_from_hidden(ours_inputs[0], ours_inputs[1], labels, bias=ours_inputs[2],
-                                      chunk_size=chunk_size)
-    expected_sum, expected_count = naive(naive_inputs[0] @ naive_inputs[1].T + naive_inputs[2], labels)
+                                      chunk_size=chunk_size, softcap=softcap)
+    expected_sum, expected_count = naive(capped(naive_inputs[0] @ naive_inputs[1].T + naive_inputs[2], softcap),
+                                         labels)
     assert torch.allclose(ours.sum, expected_sum) and torch.equal(ours.count, expected_count)
     assert ours.count.tolist() == [6, 3, 0] and ours.sum[2] == 0 and ours.mean[2] == 0
 
@@ -53,12 +61,13 @@ def test_hidden_path_equals_naive_values_and_gradients(chunk_size):
         assert torch.allclose(a.grad, b.grad)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_gradcheck(softcap):
     hidden, weight, labels = random_case(seed=1, B=2, T=7, d=3, V=7)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda h, w: sequence_logps_from_hidden(h, w, labels, chunk_size=2).sum, (hidden, weight))
+        lambda h, w: sequence_logps_from_hidden(h, w, labels, chunk_size=2, softcap=softcap).sum, (hidden, weight))
 
 
 def test_logits_path_and_mean():

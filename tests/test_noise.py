@@ -106,6 +106,36 @@ def test_fused_backward_matches_autograd_for_every_head_and_upstream_gradient(sa
             assert torch.allclose(x, y, atol=1e-5), (x, y)
 
 
+@pytest.mark.parametrize("save_bytes", [0, None], ids=["recompute", "saved"])
+def test_soft_capped_reference_logits_get_the_noise(save_bytes):
+    """Gemma-2: z = c·tanh(g Wᵀ / c). With σ ≡ 0 the noisy log-probs are the capped clean ones (not the
+    uncapped); with noise, both fused paths equal plain autograd, values and head gradients."""
+    hidden, labels, lm_weight = _setup(seed=4)
+    lm_weight = lm_weight * 5  # logits of size ~5-10 against c = 2: the cap changes them a lot
+    capped = lambda h, w: torch.tanh(h @ w.T / 2.0) * 2.0  # noqa: E731
+    head = NoiseHead(16, 50)
+    with torch.no_grad():
+        head.bias.fill_(-1e4)  # σ ≡ 0
+    clean = torch.log_softmax(capped(hidden, lm_weight), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    clean = (clean * (labels != -100)).sum(-1)
+    logps, _, _ = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, softcap=2.0)
+    assert torch.allclose(logps, clean, atol=1e-5)
+    assert not torch.allclose(logps, _clean_logps(hidden, labels, lm_weight), atol=1e-1)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(2)
+        head = NoiseHead(16, 50, sigma0=0.7)
+        with torch.no_grad():
+            head.weight.add_(0.05 * torch.randn_like(head.weight))
+        torch.manual_seed(9)
+        logps, sq, _ = noisy_sequence_logps(hidden, labels, lm_weight, head, chunk_size=4, softcap=2.0,
+                                            use_checkpoint=fused, save_bytes=save_bytes)
+        (logps.sum() + sq).backward()
+        results.append([logps.detach(), head.weight.grad.clone(), head.bias.grad.clone()])
+    for x, y in zip(*results):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
 def _saved_numels(hidden, labels, lm_weight, head, **options) -> list[int]:
     saved = []
 

@@ -11,7 +11,9 @@ gradient). Here only response positions are projected through the LM head, in ch
 keeps just the per-token logsumexp and recomputes each chunk's logits in the backward pass; peak
 extra memory is one (chunk, V) block.
 The logits of a chunk are computed in the weights' dtype and then upcast, which is exactly what
-`model(...).logits.float()` would give.
+`model(...).logits.float()` would give. Gemma-2's final soft-capping, logits = c·tanh(h Wᵀ / c), is
+applied to each chunk in float32 (`softcap`): such models keep this path too (the model's own
+logits would be the (B, T, V) tensor this module avoids).
 
 `sequence_logps_from_hidden(hidden, lm_head_weight, labels)` is the building block; NPO
 (METHODS §4.2) reuses `response_states` to read the reference's hidden states of the rejected side.
@@ -29,10 +31,11 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 2**27
 DEFAULT_CHUNK_SIZE = None
 
-# Config attributes of models whose logits are not plain `hidden @ lm_head.T` (Gemma's softcap,
-# Cohere's and Granite's scaling...): those go through the model's own logits, chunked.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
+# Config attributes of models whose logits are not `hidden @ lm_head.T` up to a final soft-cap
+# (Cohere's and Granite's scaling...): those go through the model's own logits, chunked.
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# logits = c·tanh(hidden @ lm_head.T / c) (Gemma-2): applied by this module (`softcap`).
+SOFTCAP_ATTRIBUTE = "final_logit_softcapping"
 
 
 @dataclass
@@ -91,24 +94,25 @@ def response_counts(labels: Tensor, sequence_ids: Tensor | None = None) -> Tenso
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(states @ weight.T + bias)[target] per row, in chunks of rows; (N,) float32.
+    """log softmax(cap(states @ weight.T + bias))[target] per row, in chunks of rows; (N,) float32.
+    cap is the identity, or with `softcap` c, x -> c·tanh(x / c).
 
     Saves only the per-row logsumexp; the backward recomputes a chunk's logits and uses
-    d logp / d logits = onehot(target) − softmax.
+    d logp / d logits = onehot(target) − softmax (times cap' = 1 − tanh² when capped).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, states, weight, bias, targets, chunk_size):
+    def forward(ctx, states, weight, bias, targets, chunk_size, softcap=None):
         logps = torch.empty(states.shape[0], dtype=_accumulation_dtype(weight), device=states.device)
         lse = torch.empty_like(logps)
         for start in range(0, states.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = _chunk_logits(states[rows], weight, bias)  # (n, V) float32
+            logits = _capped(_chunk_logits(states[rows], weight, bias), softcap)  # (n, V) float32
             lse[rows] = torch.logsumexp(logits, dim=-1)
             logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
         ctx.save_for_backward(states, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
         return logps
 
     @staticmethod
@@ -122,9 +126,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
         for start in range(0, states.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            probs = torch.exp(_chunk_logits(states[rows], weight, bias) - lse[rows, None])  # (n, V)
+            capped = _capped(_chunk_logits(states[rows], weight, bias), ctx.softcap)  # (n, V)
+            slope = None if ctx.softcap is None else 1 - (capped / ctx.softcap).square()  # d cap / d logits
+            probs = capped.sub_(lse[rows, None]).exp_()
             grad_logits = probs.mul_(-grad_logps[rows, None])
             grad_logits.scatter_add_(1, targets[rows, None], grad_logps[rows, None])
+            if slope is not None:
+                grad_logits.mul_(slope)
             if need_states:
                 grad_states[rows] = (grad_logits.to(weight.dtype) @ weight).to(states.dtype)
             if need_weight:
@@ -133,7 +141,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_states, grad_weight, grad_bias, None, None
+        return grad_states, grad_weight, grad_bias, None, None, None
+
+
+def _capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """c·tanh(logits / c) (Gemma-2's final soft-capping, in place), or `logits` when `softcap` is None."""
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
 
 
 def _accumulation_dtype(weight: Tensor) -> torch.dtype:
@@ -154,24 +167,29 @@ def chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
 
 
 def token_logps_from_hidden(states: Tensor, lm_head_weight: Tensor, targets: Tensor, *,
-                            bias: Tensor | None = None, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """log softmax(states @ W.T + b)[targets]: states (N, d), W (V, d), targets (N,) -> (N,) float32."""
+                            bias: Tensor | None = None, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+                            softcap: float | None = None) -> Tensor:
+    """log softmax(cap(states @ W.T + b))[targets]: states (N, d), W (V, d), targets (N,) -> (N,) float32;
+    cap(x) = softcap·tanh(x / softcap), or x when `softcap` is None."""
     return _ChunkedTokenLogps.apply(states, lm_head_weight, bias, targets,
-                                    chunk_rows(lm_head_weight.shape[0], chunk_size))
+                                    chunk_rows(lm_head_weight.shape[0], chunk_size), softcap)
 
 
 def sequence_logps_from_hidden(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *,
                                bias: Tensor | None = None, sequence_ids: Tensor | None = None,
-                               chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
+                               chunk_size: int | None = DEFAULT_CHUNK_SIZE, softcap: float | None = None
+                               ) -> SequenceLogps:
     """Response log-probs from the last hidden states and the LM head weight.
 
     hidden (R, T, d) (after the final norm), lm_head_weight (V, d), labels (R, T) with -100 on
     prompt and padding -> SequenceLogps(sum (S,) float32, count (S,)), S = R sequences, or with
     packed rows the number of `sequence_ids`. Only response positions are projected,
-    `chunk_size` at a time; the (R, T, V) logits never exist.
+    `chunk_size` at a time; the (R, T, V) logits never exist. `softcap`: Gemma-2's final logit
+    soft-capping c (`logit_softcap(model)`), logits = c·tanh(hidden @ W.T / c).
     """
     states, targets, sequences = response_states(hidden, labels, sequence_ids)
-    token_logps = token_logps_from_hidden(states, lm_head_weight, targets, bias=bias, chunk_size=chunk_size)
+    token_logps = token_logps_from_hidden(states, lm_head_weight, targets, bias=bias, chunk_size=chunk_size,
+                                          softcap=softcap)
     return _per_sequence(token_logps, sequences, number_of_sequences(labels, sequence_ids))
 
 
@@ -200,9 +218,20 @@ def _per_sequence(token_logps: Tensor, sequences: Tensor, size: int) -> Sequence
     return SequenceLogps(total, count)
 
 
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def logit_softcap(model) -> float | None:
+    """c of a final logit soft-capping, logits = c·tanh(hidden @ W.T / c) (Gemma-2's 30), else None."""
+    cap = getattr(_text_config(model), SOFTCAP_ATTRIBUTE, None)
+    return float(cap) if cap else None
+
+
 def has_plain_lm_head(model) -> bool:
-    """Whether `logits == last_hidden @ lm_head.weight.T (+ bias)`, so the hidden path is exact."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """Whether `logits == cap(last_hidden @ lm_head.weight.T (+ bias))`, so the hidden path is exact;
+    cap is the identity or the final soft-capping (`logit_softcap`), which the hidden path applies."""
+    config = _text_config(model)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
     head = model.get_output_embeddings()
@@ -220,8 +249,9 @@ def model_sequence_logps(model, inputs: dict, *, chunk_size: int | None = DEFAUL
     `position_ids` + `sequence_ids` (packed rows: transformers builds the block-diagonal causal
     mask from position ids that restart at 0). `model` is called as is (so DDP/accelerate
     wrappers see the forward); `unwrapped` is the bare model, used to reach the LM head. With a
-    plain LM head the model computes logits for one position only (`logits_to_keep=1`) and the
-    log-probs come from the final hidden states; otherwise from the model's logits, chunked.
+    plain LM head (soft-capped or not) the model computes logits for one position only
+    (`logits_to_keep=1`) and the log-probs come from the final hidden states; otherwise from the
+    model's logits, chunked.
     With `return_hidden`, returns (SequenceLogps, hidden (R, T, d)), e.g. for NPO.
     """
     unwrapped = model if unwrapped is None else unwrapped
@@ -232,7 +262,7 @@ def model_sequence_logps(model, inputs: dict, *, chunk_size: int | None = DEFAUL
         hidden = outputs.hidden_states[-1]  # (R, T, d), after the final norm
         head = unwrapped.get_output_embeddings()
         result = sequence_logps_from_hidden(hidden, head.weight, labels, bias=head.bias, sequence_ids=sequence_ids,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
     else:
         outputs = model(**model_inputs, use_cache=False, output_hidden_states=return_hidden)
         hidden = outputs.hidden_states[-1] if return_hidden else None

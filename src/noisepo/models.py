@@ -9,7 +9,9 @@ a reference by name works).
 
 What users bring is checked before transformers sees it (issue 22): a path that looks local but is
 missing is an error at once, never a hub lookup; a folder without tokenizer files is an error unless
-`--tokenizer` names one; a folder with its own modeling code needs `--trust-remote-code`.
+`--tokenizer` names one; a folder with its own modeling code needs `--trust-remote-code`. A folder's
+tokenizer is the one its tokenizer.json holds (`_as_saved`), and a vocabulary far wider than the
+tokenizer is said on stderr (`_note_unused_vocabulary`).
 """
 from __future__ import annotations
 
@@ -418,10 +420,62 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
     except (OSError, ValueError) as err:
         message, err_key = _load_error("a tokenizer", name_or_path, err)
         raise ConfigError(message, key=key if err_key == "model" else err_key) from None
+    if folder is not None and folder.is_dir():
+        tokenizer = _as_saved(tokenizer, folder)
+        _note_unused_vocabulary(tokenizer, folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+# A model with this many times the tokenizer's tokens as vocabulary rows was built from a config default
+# (GemmaConfig's vocab_size is 256 000), not for this tokenizer: hub checkpoints pad a few rows at most.
+UNUSED_VOCABULARY_FACTOR = 2
+_NOTED_VOCABULARY: set[str] = set()
+
+
+def _note_unused_vocabulary(tokenizer, folder: Path) -> None:
+    """One line on stderr (once per folder) when the model's vocabulary dwarfs the tokenizer's: every
+    log-prob's softmax runs over all V rows, so the step costs as V does. The "Gemma cliff" of issue 22:
+    a micro Gemma kept GemmaConfig's 256 000 rows for a 400-token BPE, and its DPO step took 60× Mistral's."""
+    config = _read_json(folder / "config.json")
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(rows, int) or rows <= UNUSED_VOCABULARY_FACTOR * len(tokenizer):
+        return
+    if str(folder) in _NOTED_VOCABULARY:
+        return
+    _NOTED_VOCABULARY.add(str(folder))
+    print(f"noisepo: the model in {folder} has {rows} vocabulary rows for {len(tokenizer)} tokenizer tokens; "
+          f"each step's softmax still runs over all {rows} (its time grows with them): build the model with "
+          "vocab_size=len(tokenizer)", file=sys.stderr)
+
+
+# The parts of tokenizer.json that decide how text is split before the vocabulary applies.
+_SPLITTING = ("normalizer", "pre_tokenizer")
+
+
+def _as_saved(tokenizer, folder: Path):
+    """`tokenizer`, or when it splits text otherwise than `folder`'s tokenizer.json, that file as saved.
+
+    For some model types (Qwen2, Phi-3, ...: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`) transformers 5
+    loads its own tokenizer class whatever tokenizer_config.json names, and that class rebuilds the
+    normalizer and pre-tokenizer: a user's own BPE saved with a Qwen2 model then encodes to other ids
+    than it was trained with (Qwen2's regex splits digits), silently (issue 22). Hub checkpoints,
+    whose tokenizer.json already splits as their class does, are left as loaded.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    saved = _read_json(folder / "tokenizer.json")
+    if backend is None or not saved:
+        return tokenizer
+    loaded = json.loads(backend.to_str())
+    if all(saved.get(part) == loaded.get(part) for part in _SPLITTING):
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast  # tokenizer.json taken as it is
+
+    print(f"noisepo: transformers loads {folder}'s tokenizer as {type(tokenizer).__name__}, which splits text "
+          "unlike its tokenizer.json; using tokenizer.json as saved", file=sys.stderr)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",

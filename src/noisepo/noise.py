@@ -7,6 +7,8 @@ hidden state g_j (d,) give
     z̃_j = z_j + σ_j ⊙ ε_j,  ε_j ~ N(0, I)         resampled every step (reparameterisation)
     log π̃_ref(y_l|x) = Σ_j log softmax(z̃_j)[y_l,j]
 
+(z_j as the model gives them: for Gemma-2, soft-capped, c·tanh(g_j Wᵀ / c), the `softcap` option.)
+
 The policy minimises ℓ(M) with the noise detached; the noise head maximises ℓ(M) with the policy
 detached, under a penalty α_σ·mean(σ²). `npo_objective` returns both parts so one backward pass
 trains both, each receiving gradient only from its own part.
@@ -177,15 +179,18 @@ def _sigma_and_gate(u: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, to
     return F.softplus(u), gate
 
 
-def _reference_logits(states, lm_weight, lm_bias, dtype: torch.dtype) -> torch.Tensor:
+def _reference_logits(states, lm_weight, lm_bias, dtype: torch.dtype, softcap: float | None = None) -> torch.Tensor:
     """(n, d) -> (n, V) in `dtype` (the noise head's, float32), computed in the weights' dtype first (as
-    the model's LM head): the whole noisy path then has one dtype whatever the reference's is."""
-    return F.linear(states.to(lm_weight.dtype), lm_weight, lm_bias).to(dtype)
+    the model's LM head): the whole noisy path then has one dtype whatever the reference's is. With
+    `softcap` c, Gemma-2's final soft-capping c·tanh(z / c): z are the reference's logits as the model
+    gives them (frozen, so no gradient passes through the cap)."""
+    logits = F.linear(states.to(lm_weight.dtype), lm_weight, lm_bias).to(dtype)
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
 
 
-def _noisy_chunk(states, targets, lm_weight, lm_bias, head: NoiseHead, seed: int):
+def _noisy_chunk(states, targets, lm_weight, lm_bias, head: NoiseHead, seed: int, softcap: float | None = None):
     """Plain autograd: (n, d), (n,) -> noisy log-prob per position (n,), Σσ², Σσ over the chunk."""
-    logits = _reference_logits(states, lm_weight, lm_bias, head.bias.dtype)  # (n, V), no gradient (frozen)
+    logits = _reference_logits(states, lm_weight, lm_bias, head.bias.dtype, softcap)  # (n, V), no gradient (frozen)
     sigma = head(states)  # (n, V)
     noisy = logits + sigma * _epsilon(seed, logits)
     target = noisy.gather(-1, targets[:, None]).squeeze(-1)
@@ -198,13 +203,15 @@ class _NoisyTokenLogps(torch.autograd.Function):
 
     Inputs: states (n, d) and targets (n,) of the reference; lm_weight (V, d), lm_bias (V,) or
     None (frozen); the head's factors a (n, k), up (V, k) and bias (V,) (u = a upᵀ + bias,
-    σ = softplus(u)); the chunk's seed. Gradients go to a, up and bias only.
+    σ = softplus(u)); the chunk's seed; the reference's final logit soft-capping or None. Gradients go
+    to a, up and bias only.
     """
 
     @staticmethod
-    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed, save=False, sigma_max=0.0):
+    def forward(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed, save=False, sigma_max=0.0,
+                softcap=None):
         # Autocast off in both passes: the backward must recompute exactly the forward's numbers.
-        ctx.sigma_max = sigma_max
+        ctx.sigma_max, ctx.softcap = sigma_max, softcap
         with torch.autocast(device_type=states.device.type, enabled=False):
             if save:
                 return _NoisyTokenLogps._forward_saving(ctx, states, targets, lm_weight, lm_bias, a, up, bias, seed)
@@ -215,14 +222,14 @@ class _NoisyTokenLogps(torch.autograd.Function):
         kernels = _cpu_kernels(states, up, bias)
         ctx.seed, ctx.saved_blocks, ctx.native = seed, False, kernels is not None
         if kernels is not None:
-            noisy, u, eps = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
+            noisy, u, eps = _native_inputs(states, lm_weight, lm_bias, a, up, seed, ctx.softcap)
             logps, lse, sq, total, _ = kernels.forward(noisy, u, bias, eps, targets, ctx.sigma_max)
             del noisy, u, eps
             sq, total = sq.sum(), total.sum()
             ctx.save_for_backward(states, targets, lm_weight, lm_bias, a, up, bias, lse)
             ctx.mark_non_differentiable(total)
             return logps, sq, total
-        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
+        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype, ctx.softcap)  # (n, V)
         sigma = _sigma_in_place(F.linear(a.to(up.dtype), up, bias), ctx.sigma_max)  # σ(u), in u's storage
         eps = _epsilon(seed, noisy)
         noisy.addcmul_(sigma, eps)  # z̃ = z + σ ⊙ ε, in z's storage
@@ -243,14 +250,14 @@ class _NoisyTokenLogps(torch.autograd.Function):
         kernels = _cpu_kernels(states, up, bias)
         ctx.saved_blocks, ctx.native = True, kernels is not None
         if kernels is not None:
-            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, seed)
+            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, seed, ctx.softcap)
             logps, _, sq, total, gate_at_target = kernels.forward(noisy, keep_q, bias, keep_p, targets, ctx.sigma_max)
             del noisy
             total = total.sum()
             ctx.save_for_backward(a, up, keep_p, keep_q, targets, gate_at_target)
             ctx.mark_non_differentiable(total)
             return logps, sq.sum(), total
-        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype)  # (n, V)
+        noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype, ctx.softcap)  # (n, V)
         sigma = F.linear(a.to(up.dtype), up, bias)  # u, (n, V)
         gate = torch.sigmoid(sigma)  # sigmoid(u)
         if ctx.sigma_max > 0:  # bounded: σ = σ_max·sigmoid(u), the gate dσ/du = σ·(1 − sigmoid(u))
@@ -287,7 +294,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
     def _backward(ctx, grad_logps, grad_sq):
         states, targets, lm_weight, lm_bias, a, up, bias, lse = ctx.saved_tensors
         if ctx.native:  # recompute the kept blocks exactly as the saving forward does, then its backward
-            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, ctx.seed)
+            noisy, keep_q, keep_p = _native_inputs(states, lm_weight, lm_bias, a, up, ctx.seed, ctx.softcap)
             _, _, _, _, gate_at_target = _kernels_of_forward().forward(noisy, keep_q, bias, keep_p, targets,
                                                                        ctx.sigma_max)
             del noisy
@@ -296,7 +303,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         a_dtype, a = a.dtype, a.to(up.dtype)
         sigma, gate = _sigma_and_gate(F.linear(a, up, bias), ctx.sigma_max)  # (n, V) each
         eps = _epsilon(ctx.seed, sigma)
-        probs = _reference_logits(states, lm_weight, lm_bias, up.dtype).addcmul_(sigma, eps)
+        probs = _reference_logits(states, lm_weight, lm_bias, up.dtype, ctx.softcap).addcmul_(sigma, eps)
         probs.sub_(lse[:, None]).exp_()  # softmax(z̃)
         # d logp / d z̃ = onehot(target) − softmax, times the upstream gradient of each position
         grad_noisy = probs.mul_(-grad_logps[:, None])
@@ -306,7 +313,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None, None
 
     @staticmethod
     def _backward_saved(ctx, grad_logps, grad_sq):
@@ -323,7 +330,7 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
         grad_bias = grad_u.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None, None
 
     @staticmethod
     def _backward_native(ctx, grad_logps, grad_sq, a, up, keep_p, keep_q, targets, gate_at_target):
@@ -334,7 +341,8 @@ class _NoisyTokenLogps(torch.autograd.Function):
         grad_u, a_dtype, a = keep_q, a.dtype, a.to(up.dtype)
         grad_a = (grad_u @ up).to(a_dtype) if ctx.needs_input_grad[4] else None
         grad_up = grad_u.T @ a if ctx.needs_input_grad[5] else None
-        return None, None, None, None, grad_a, grad_up, grad_bias if ctx.needs_input_grad[6] else None, None, None, None
+        grad_bias = grad_bias if ctx.needs_input_grad[6] else None
+        return None, None, None, None, grad_a, grad_up, grad_bias, None, None, None, None
 
 
 def _cpu_kernels(states, up, bias):
@@ -363,10 +371,10 @@ def _kernels_of_forward():
     return kernels
 
 
-def _native_inputs(states, lm_weight, lm_bias, a, up, seed):
+def _native_inputs(states, lm_weight, lm_bias, a, up, seed, softcap=None):
     """The kernel's three (n, V) inputs: the reference logits, u = a upᵀ without the bias (the
     kernel adds it), and ε; each a fresh contiguous float32 block the kernel may overwrite."""
-    noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype).contiguous()
+    noisy = _reference_logits(states, lm_weight, lm_bias, up.dtype, softcap).contiguous()
     u = F.linear(a.to(up.dtype), up)
     return noisy, u, _epsilon(seed, noisy)
 
@@ -381,7 +389,8 @@ def _logsumexp_given_softmax(logits: torch.Tensor, probs: torch.Tensor) -> torch
 def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
                          head: NoiseHead, *, lm_bias: torch.Tensor | None = None, chunk_size: int | None = None,
                          use_checkpoint: bool = True, save_bytes: int | None = None,
-                         pair_seeds: list[int] | None = None, with_target_sigma: bool = False):
+                         pair_seeds: list[int] | None = None, with_target_sigma: bool = False,
+                         softcap: float | None = None):
     """Noisy reference log-probs of whole sequences.
 
     hidden: (B, T, d) reference last hidden states, already aligned so `hidden[:, t]` predicts
@@ -395,6 +404,7 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
         recomputing them (None: NOISE_SAVE_BYTES; 0: recompute every chunk).
     pair_seeds: None (ε drawn afresh each call) or one seed per sequence (B,): ε of a sequence's j-th
         response position is the j-th row of that seed's stream (the noise fixed per pair).
+    softcap: the reference's final logit soft-capping c (Gemma-2), z = c·tanh(g Wᵀ / c); None: z = g Wᵀ.
     Returns (logps (B,) summed over response tokens, mean σ² (scalar), mean σ (scalar)), and with
     `with_target_sigma` a fourth item, σ at each response position's own target token (N,); only the
     noise head receives gradients (hidden and lm_weight are detached here).
@@ -406,7 +416,7 @@ def noisy_sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: 
     out = noisy_token_logps(hidden[mask], labels[mask], lm_weight, head, lm_bias=lm_bias, chunk_size=chunk_size,
                             use_checkpoint=use_checkpoint, save_bytes=save_bytes,
                             noise_keys=None if pair_seeds is None else (pair_seeds, rows),
-                            with_target_sigma=with_target_sigma)
+                            with_target_sigma=with_target_sigma, softcap=softcap)
     token_logps, sq_sum, sigma_sum = out[:3]
     logps = token_logps.new_zeros(batch).index_add(0, rows, token_logps)
     count = max(int(rows.shape[0]) * head.vocab_size, 1)
@@ -440,7 +450,8 @@ def _pair_segments(noise_keys, length: int):
 
 def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: torch.Tensor, head: NoiseHead, *,
                       lm_bias: torch.Tensor | None = None, chunk_size: int | None = None, use_checkpoint: bool = True,
-                      save_bytes: int | None = None, noise_keys=None, with_target_sigma: bool = False):
+                      save_bytes: int | None = None, noise_keys=None, with_target_sigma: bool = False,
+                      softcap: float | None = None):
     """Noisy reference log-probs of single tokens: states (N, d) predicting targets (N,).
 
     Returns (token logps (N,) float32, Σσ² and Σσ over the N × V entries), plus σ at each target (N,)
@@ -469,9 +480,9 @@ def noisy_token_logps(states: torch.Tensor, targets: torch.Tensor, lm_weight: to
             save = torch.is_grad_enabled() and chunk.shape[0] * block_bytes <= budget
             budget -= chunk.shape[0] * block_bytes if save else 0
             token_logps, sq, s = _NoisyTokenLogps.apply(chunk, chunk_targets, lm_weight, lm_bias, a, up, head.bias,
-                                                        chunk_seed, save, head.bound)
+                                                        chunk_seed, save, head.bound, softcap)
         else:
-            token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, chunk_seed)
+            token_logps, sq, s = _noisy_chunk(chunk, chunk_targets, lm_weight, lm_bias, head, chunk_seed, softcap)
         parts.append(token_logps)
         sq_sum = sq_sum + sq
         sigma_sum = sigma_sum + s

@@ -18,7 +18,9 @@
 
   i.e. every message is `<|ROLE|>\\n{content}\\n`, and the prompt ends with `<|assistant|>\\n` so the
   model writes the reply next. It is made of plain characters, so the character-level tokenizers of
-  the tiny preset models encode it.
+  the tiny preset models encode it. The first message list a tokenizer without a template renders
+  logs a one-line note (a warning) naming the tokenizer, so a base model (GPT-2) is never prompted
+  with a made-up template silently.
 
 `response_text(response)` is the reply as text: the string itself, or the assistant message's
 content. `encode_example` tokenizes both (no special tokens added, as TRL: a template that writes
@@ -28,9 +30,12 @@ reply, and at least `min_prompt_tokens` of it), then the response from the right
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from noisepo.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[dict]
 MIN_PROMPT_TOKENS = 8
@@ -46,11 +51,23 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+_NOTED: set[str] = set()  # tokenizers already told about (once per process each)
+
+
+def _note_plain_template(tokenizer: Any) -> None:
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if name not in _NOTED:
+        _NOTED.add(name)
+        logger.warning("noisepo: the tokenizer %s has no chat template; message lists use noisepo's plain template "
+                       "(<|role|> lines, see noisepo.data.chat)", name)
+
+
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     """The text the model continues: a string raw, messages through the (chat or plain) template."""
     if isinstance(prompt, str):
         return prompt
     if not has_chat_template(tokenizer):
+        _note_plain_template(tokenizer)
         return render_plain(prompt)
     import jinja2
 

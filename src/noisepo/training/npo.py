@@ -42,6 +42,7 @@ from noisepo.logprobs import (
     IGNORE_INDEX,
     SequenceLogps,
     has_plain_lm_head,
+    logit_softcap,
     response_counts,
     response_states,
     sequence_logps_from_hidden,
@@ -136,7 +137,9 @@ class NPOTrainer(PreferenceTrainer):
         self.noise_chunk_size = noise_chunk_size
         self.cache_reference_states = cache_reference_states
         if not has_plain_lm_head(model):
-            raise ValueError("NPO needs a model whose logits are hidden @ lm_head.T (no softcap or scaling)")
+            raise ValueError("NPO needs a model whose logits are hidden @ lm_head.T, soft-capped or not (no scaling)")
+        # Gemma-2: the reference's logits z are soft-capped, c·tanh(g Wᵀ / c); the noise is added to them.
+        self.logit_softcap = logit_softcap(model)
         # The reference before training is the initial policy. Either keep a frozen copy of it for
         # the rejected side's hidden states (every step), or compute those states once now and keep
         # them per pair, with a frozen copy of the LM head only (`cache_reference_states`).
@@ -329,14 +332,15 @@ class NPOTrainer(PreferenceTrainer):
                 clean_rejected = SequenceLogps(inputs["reference_rejected_logps"], response_counts(labels[half:]))
             else:
                 chosen = sequence_logps_from_hidden(hidden[:half], weight, labels[:half], bias=bias,
-                                                    chunk_size=self.chunk_size)
+                                                    chunk_size=self.chunk_size, softcap=self.logit_softcap)
                 hidden = hidden[half:]
                 clean_rejected = sequence_logps_from_hidden(hidden, weight, labels[half:], bias=bias,
-                                                            chunk_size=self.chunk_size)
+                                                            chunk_size=self.chunk_size, softcap=self.logit_softcap)
         rejected_labels = labels[half:]
         # hidden[:, t] predicts label t+1: align them as noisy_sequence_logps expects.
         args = (hidden[:, :-1], rejected_labels[:, 1:], weight)
-        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size, pair_seeds=self.pair_seeds(inputs))
+        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size, pair_seeds=self.pair_seeds(inputs),
+                      softcap=self.logit_softcap)
         logps, sigma_sq, sigma_mean, target_sigma = self.noisy_reference(
             noisy_sequence_logps, *args, with_target_sigma=True, **kwargs)
         return NoisyReference(chosen, logps, SequenceLogps(logps, response_counts(rejected_labels)), clean_rejected,
@@ -364,7 +368,7 @@ class NPOTrainer(PreferenceTrainer):
         weight, bias = (t if t is None else t.to(states.device) for t in self.reference_lm_head)
         seeds = self.pair_seeds(inputs)
         args = (states, shifted[mask], weight)
-        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size,
+        kwargs = dict(lm_bias=bias, chunk_size=self.noise_chunk_size, softcap=self.logit_softcap,
                       noise_keys=None if seeds is None else (seeds, rows))
         token_logps, sq_sum, sigma_sum, target_sigma = self.noisy_reference(
             noisy_token_logps, *args, with_target_sigma=True, **kwargs)
