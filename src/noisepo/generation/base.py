@@ -79,3 +79,13 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     was trained (METHODS §3).
     """
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode_response(tokenizer, tokens: list[int], eos_ids) -> str:
+    """Text of generated tokens up to (not including) the first EOS, special tokens skipped: every
+    backend decodes this way, so the same tokens give the same text."""
+    for at, token in enumerate(tokens):
+        if token in eos_ids:
+            tokens = tokens[:at]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)

@@ -18,7 +18,7 @@ import logging
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from noisepo.generation.base import GenerationParams, cut_at_stop, encode_prompt, sample_seed
+from noisepo.generation.base import GenerationParams, cut_at_stop, decode_response, encode_prompt, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +168,7 @@ class TransformersGenerator:
 
     def _decode(self, tokens: list[int]) -> str:
         """Text of the generated tokens up to (not including) the first EOS; padding dropped."""
-        for at, token in enumerate(tokens):
-            if token in self.eos_ids:
-                tokens = tokens[:at]
-                break
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return decode_response(self.tokenizer, tokens, self.eos_ids)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from noisepo.errors import ConfigError
-from noisepo.generation.base import GenerationParams, cut_at_stop, encode_prompt, sample_seed
+from noisepo.generation.base import GenerationParams, cut_at_stop, decode_response, encode_prompt, sample_seed
 
 # vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, 0.32): the head sizes it runs;
 # read from vLLM when it is installed, this list otherwise.
@@ -157,16 +157,10 @@ class VLLMGenerator:
         outputs = self.llm.generate(prompts, sampling, use_tqdm=self.progress)
         results = []
         for output in outputs:
-            texts = [cut_at_stop(self._decode(list(c.token_ids)), params.stop) for c in output.outputs]
+            texts = [cut_at_stop(decode_response(self.tokenizer, list(c.token_ids), self.eos_ids), params.stop)
+                     for c in output.outputs]
             results.append(texts * params.num_samples if n == 1 else texts)
         return results
-
-    def _decode(self, tokens: list[int]) -> str:
-        for at, token in enumerate(tokens):
-            if token in self.eos_ids:
-                tokens = tokens[:at]
-                break
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def close(self) -> None:
         """Stop the engine and give its memory back (a loop trains right after generating)."""
