@@ -313,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-lr", help="comma-separated learning rates: run the search on validation instead")
     parser.add_argument("--search-npo", metavar="GRID.yaml",
                         help="NPO's search on validation: npo-only once per named configuration of the grid file")
-    parser.add_argument("--search-eta", type=float, default=0.2,
-                        help="experiment B's flip rate for the search (default 0.2, as in LOG.md)")
+    parser.add_argument("--search-eta", default="0.2",
+                        help="experiment B's flip rate(s) for the search, comma-separated (default 0.2, as in LOG.md)")
+    parser.add_argument("--etas", help="experiment B: run only these flip rates (comma-separated; the rule-based "
+                                       "noise settings are left out), e.g. when time allows part of the sweep")
     args = parser.parse_args(argv)
 
     spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
@@ -326,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = with_task_overrides(spec)
     search_lrs = [float(rate) for rate in args.search_lr.split(",")] if args.search_lr else None
     if search_lrs and spec.get("noise"):
-        spec["noise"] = {"rates": [args.search_eta]}
+        spec["noise"] = {"rates": [float(rate) for rate in args.search_eta.split(",")]}
+    elif args.etas and spec.get("noise"):
+        spec["noise"] = {"rates": [float(rate) for rate in args.etas.split(",")]}
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
     npo_grid = yaml.safe_load(Path(args.search_npo).read_text(encoding="utf-8")) if args.search_npo else None
     if (search_lrs or npo_grid) and not args.seeds:

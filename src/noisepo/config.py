@@ -206,15 +206,24 @@ def load_yaml(path) -> dict:
 # --------------------------------------------------------------------------- argparse
 def _walk(cls, prefix: str = ""):
     """Yield (dotted_name, field, type) for every leaf field, depth first."""
+    for name, f, tp, _ in _walk_with_defaults(cls, prefix):
+        yield name, f, tp
+
+
+def _walk_with_defaults(cls, prefix: str = "", section_default: Any = None):
+    """As `_walk`, with each leaf's effective default: a section's own default (e.g. ROPOConfig's
+    `training` factory with ROPO's learning rate) wins over the section class's field default."""
     hints = _resolved_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
+        default = getattr(section_default, f.name) if section_default is not None else _default_of(f)
         if _is_config(tp):
-            yield from _walk(tp, prefix + f.name + ".")
+            yield from _walk_with_defaults(tp, prefix + f.name + ".",
+                                           default if dataclasses.is_dataclass(default) else None)
         else:
-            yield prefix + f.name, f, tp
+            yield prefix + f.name, f, tp, default
 
 
 def _default_of(f) -> Any:
@@ -231,10 +240,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, with_config_fi
         parser.add_argument("--config", metavar="FILE.yaml", default=None,
                             help="YAML file of options (keys are the option names below, nested "
                                  "sections for dotted ones); command-line flags override it.")
-    for name, f, tp in _walk(cls):
+    for name, f, tp, default in _walk_with_defaults(cls):
         meta = f.metadata
         base, _ = _unwrap_optional(tp)
-        default = _default_of(f)
         help_text = meta.get("help", "")
         if default is _MISSING or default == "":  # "" marks a required path/name in our configs
             help_text += " (required)"

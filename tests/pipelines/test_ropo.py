@@ -201,10 +201,12 @@ def test_ropo_help_says_what_each_refill_rule_does(capsys):
 # --------------------------------------------------------------------------- the loop
 @pytest.fixture(scope="module")
 def ropo_run(micro_model_dir, tmp_path_factory):
-    """One 2-round ROPO run (ρ = 0.25) on the rule data, shared by the tests below."""
+    """One 2-round ROPO run (ρ = 0.25) on the rule data, shared by the tests below: the paper's filter (exactly
+    ρN discarded) and the best-worst refill, which these tests describe (the defaults are checked elsewhere)."""
     folder = tmp_path_factory.mktemp("ropo")
     data = write_jsonl(folder / "pairs.jsonl", rule_pairs())
-    assert ropo_cli(micro_model_dir, data, folder / "out", "--rounds", "2", "--rho", "0.25") == 0
+    assert ropo_cli(micro_model_dir, data, folder / "out", "--rounds", "2", "--rho", "0.25",
+                    "--no-filter-misranked-only", "--refill-rule", "best-worst") == 0
     return folder / "out"
 
 
@@ -280,7 +282,7 @@ def test_a_pair_dropped_in_one_round_can_return(micro_model_dir, tmp_path, monke
     rows = rule_pairs(16, flip_rate=0.0)
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "2", "--rho", "0.25",
-                    "--samples", "0") == 0
+                    "--samples", "0", "--refill-rule", "best-worst", "--no-filter-misranked-only") == 0
     first, second = (read_jsonl(tmp_path / "out" / f"round_{r}" / "pairs.jsonl") for r in (0, 1))
     assert not first[0]["kept"] and second[0]["kept"]
     refills = read_jsonl(tmp_path / "out" / "round_0" / "refills.jsonl")
@@ -306,7 +308,7 @@ def test_bad_options_and_a_changed_config_exit_2(micro_model_dir, tmp_path, caps
     assert "'rho'" in capsys.readouterr().err
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--verifier", "m:score") == 2
     assert "'eval_data'" in capsys.readouterr().err
-    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "0") == 0
+    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "0", "--refill-rule", "best-worst") == 0
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--samples", "2") == 2
     assert "different config" in capsys.readouterr().err
 
@@ -411,3 +413,42 @@ def test_the_round_table_warns_when_accuracy_or_the_filter_goes_backwards():
                         "warning: round 1's filter AUROC 0.450 is below round 0's 0.800 (below chance)"]
     calm = summary_table({"initial_accuracy": 0.5, "rounds": [round_(0, 0.6, 0.8), round_(1, 0.7, 0.85)]})
     assert "warning" not in calm
+
+
+def test_misranked_only_filter_never_discards_a_pair_the_model_agrees_with():
+    from noisepo.pipelines.filtering import select_kept
+
+    losses = [0.1, 5.0, 3.0, 4.0, 2.0]
+    margins = [2.0, -3.0, 0.5, -1.0, 1.0]  # pairs 1 and 3 are misranked (h < 0)
+    assert select_kept(losses, 0.4) == [True, False, True, False, True]
+    assert select_kept(losses, 0.4, margins) == [True, False, True, False, True]
+    assert select_kept(losses, 0.6, margins) == [True, False, True, False, True]  # 3 allowed, only 2 misranked
+    assert select_kept(losses, 0.6) == [True, False, False, False, True]
+    assert select_kept(losses, 0.2, margins) == [True, False, True, True, True]  # at most ρN
+    assert select_kept([1.0, float("nan")], 0.5, [1.0, float("nan")]) == [True, False]
+
+
+def test_misranked_only_filter_acts_in_the_loop(micro_model_dir, tmp_path):
+    """Through `noisepo ropo`: with --filter-misranked-only every discarded pair has h < 0, so the loop
+    discards fewer pairs than ρN whenever fewer are misranked (the paper's rule always discards ρN)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(16))
+    assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "1", "--rho", "0.5",
+                    "--filter-misranked-only", "--no-refill") == 0
+    rows = read_jsonl(tmp_path / "out" / "round_0" / "pairs.jsonl")
+    summary = json.loads((tmp_path / "out" / "round_0" / ".filter.done").read_text())
+    assert all(row["margin"] < 0 for row in rows if not row["kept"])
+    assert summary["discarded"] == min(summary["misranked"], 16 - kept_count(16, 0.5))
+
+
+def test_ropo_defaults_are_the_validated_ones_and_help_shows_them(capsys):
+    """Issue 23: the misranked-only filter, replace-rejected refills and ROPO's own learning rate (1e-5, not the
+    shared OptimOptions 1e-4 that sent a new user's model to 0 %), and `--help` prints ROPO's rate."""
+    from noisepo.pipelines.ropo_config import DEFAULT_ROPO_LEARNING_RATE, ROPOConfig
+
+    config = ROPOConfig(model="m", data="d", output="o")
+    assert (config.filter_misranked_only, config.refill, config.refill_rule) == (True, True, "replace-rejected")
+    assert config.training.learning_rate == DEFAULT_ROPO_LEARNING_RATE == 1e-5
+    with pytest.raises(SystemExit):
+        main(["ropo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Peak learning rate (AdamW). (default: 1e-05)" in text

@@ -17,15 +17,21 @@ def kept_count(total: int, rho: float) -> int:
     return min(total, max(1 if total else 0, round((1 - rho) * total)))
 
 
-def select_kept(losses: list[float], rho: float) -> list[bool]:
+def select_kept(losses: list[float], rho: float, margins: list[float] | None = None) -> list[bool]:
     """keep[i] is True for the (1−ρ)N lowest losses; ties break by index (deterministic).
 
     A NaN loss sorts last (it is discarded first): a pair the model cannot score is not credible.
+    With `margins` (h per pair), only misranked pairs (h < 0 or NaN: the model prefers the response
+    labelled rejected) may be discarded, so at most ρN are and a pair the model agrees with is always kept.
     """
     order = sorted(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i], i))
     keep = [False] * len(losses)
     for i in order[:kept_count(len(losses), rho)]:
         keep[i] = True
+    if margins is not None:
+        for i, h in enumerate(margins):
+            if not (math.isnan(h) or h < 0):
+                keep[i] = True
     return keep
 
 

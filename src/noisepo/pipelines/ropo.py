@@ -353,7 +353,8 @@ class ROPORun:
         originals = self.originals()
         scores = read_jsonl(self.path(r, "scores.jsonl"))
         losses = [row["loss"] for row in scores]
-        kept = select_kept(losses, self.config.rho) if self.config.filtering else [True] * len(losses)
+        margins = [row["margin"] for row in scores] if self.config.filter_misranked_only else None
+        kept = select_kept(losses, self.config.rho, margins) if self.config.filtering else [True] * len(losses)
         flipped = _flipped(originals)
         rows = []
         for record, row, keep in zip(originals, scores, kept, strict=True):
@@ -367,6 +368,7 @@ class ROPORun:
         png = plot_loss_histogram(distribution, self.path(r, "loss_histogram.png"), title=f"round {r}")
         write_json_atomic(self.path(r, "loss_histogram.json"), {**distribution, "png": png})
         summary = {"kept": sum(kept), "discarded": len(kept) - sum(kept), "filtering": self.config.filtering,
+                   "misranked": sum(1 for row in scores if math.isnan(row["margin"]) or row["margin"] < 0),
                    "auroc_flipped": distribution["auroc_flipped"],
                    "mean_loss": {k: v["mean"] for k, v in distribution["stats"].items()}}
         if flipped is not None:

@@ -12,6 +12,12 @@ from noisepo.generation.config import BackendOptions
 from noisepo.training.config import LossName, OptimOptions, check, warn_small_alpha
 
 
+# ℓ_ropo's gradient weight c(α)·p·(1+α(1−p)) is ~2x DPO's at h = 0 and ~3.7x for confident pairs (α = 14), so
+# ROPO wants a smaller rate: 1e-5 was its best on clean validation (addition; 3e-5 on reversal), where 1e-4, the
+# shared OptimOptions default, sent a new user's model to 0 % (issue 23; experiments/LOG.md 2026-12-07).
+DEFAULT_ROPO_LEARNING_RATE = 1e-5
+
+
 @dataclass
 class ROPOConfig:
     """`noisepo ropo`: R rounds of train (kept set) -> score every pair with ℓ_ropo -> keep the (1−ρ)N
@@ -34,15 +40,22 @@ class ROPOConfig:
     filter: bool = option(True, "Filter the noisiest pairs each round (--no-filter: train on every pair "
                                 "every round, as the baselines do; pairs are still scored and reported).")
     rho: float = option(0.2, "ρ: fraction of the original pairs discarded each round, in [0, 1).")
+    filter_misranked_only: bool = option(
+        True, "Discard only pairs the current model ranks against their label (h < 0), at most ρN of them "
+              "(validated default). --no-filter-misranked-only is the paper's rule: exactly ρN pairs are discarded "
+              "whatever the model thinks, which on clean pairs throws away the hardest correct ones and then "
+              "over-trains on the easy rest (measured: −23 / −7 points on clean validation; experiments/LOG.md "
+              "2026-12-07).")
     refill: bool = option(True, "Refill each discarded prompt by rejection sampling (METHODS §5.2); "
                                 "--no-refill: train on the kept originals only.")
     refill_rule: Literal["best-worst", "replace-rejected", "ranked"] = option(
-        "best-worst", "How a discarded prompt is refilled (METHODS §5.2; the paper names robustness-guided "
+        "replace-rejected", "How a discarded prompt is refilled (METHODS §5.2; the paper names robustness-guided "
                       "rejection sampling but not its rule). best-worst: the pair (highest, lowest implicit "
                       "reward β·log π/π_ref) among the K samples and both original responses. replace-rejected: "
                       "the discarded pair's own chosen against the sample the current model finds least "
                       "likely to be preferred (lowest implicit reward). ranked: best-worst's pair, kept only "
-                      "when its own ℓ_ropo ranks among the kept set's (≤ the largest kept ℓ_ropo).")
+                      "when its own ℓ_ropo ranks among the kept set's (≤ the largest kept ℓ_ropo). Default "
+                      "replace-rejected: best mean validation accuracy of the three and no refill (LOG.md).")
     samples: int = option(4, "K: responses sampled per discarded prompt (>= 2; 0: no sampling, best-worst "
                              "and ranked then choose between the two original responses).")
     temperature: float = option(0.7, "Sampling temperature of the refill candidates.")
@@ -66,8 +79,10 @@ class ROPOConfig:
     trust_remote_code: bool = option(False, "Allow model code from the hub/folder to run (off: safer).")
     progress: bool = option(True, "Show progress bars.")
     skip_invalid: bool = option(False, "Skip invalid data rows (counted and reported) instead of stopping.")
-    training: OptimOptions = option(default_factory=OptimOptions,
-                                    help="How each round trains (one epoch on the kept set by default).")
+    training: OptimOptions = option(default_factory=lambda: OptimOptions(learning_rate=DEFAULT_ROPO_LEARNING_RATE),
+                                    help="How each round trains (one epoch on the kept set by default; "
+                                         f"learning rate {DEFAULT_ROPO_LEARNING_RATE:g}, validated for ℓ_ropo, "
+                                         "whose gradient is 2-4x DPO's at the same rate).")
     generation: BackendOptions = option(default_factory=BackendOptions,
                                         help="The engine that samples the refill candidates: transformers or "
                                              "vllm (--generation.backend vllm).")
