@@ -351,7 +351,8 @@ def test_ropo(arch, kind, model_dir, data, tmp_path):
     """One round: train with ℓ_ropo, score, filter, refill the discarded prompts by rejection sampling."""
     output = tmp_path / "ropo"
     cli("ropo", "--model", model_dir(arch), "--data", data[f"{kind}_pairs"], "--output", str(output),
-        "--rounds", "1", "--rho", "0.25", "--samples", "2", "--max-new-tokens", "4", *LOOP)
+        "--rounds", "1", "--rho", "0.25", "--samples", "2", "--max-new-tokens", "4",
+        "--no-filter-misranked-only", "--refill-rule", "best-worst", *LOOP)  # the paper's filter: exactly ρN
     summary = json.loads((output / "summary.json").read_text())
     assert summary["rounds"][0]["kept"] == len(QUESTIONS) - 2
     assert_plain_load(output / "round_0" / "model", arch, model_dir(arch))

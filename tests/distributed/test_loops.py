@@ -35,6 +35,7 @@ DRIVER = textwrap.dedent('''
             # grows with σ (the default 0.5 gave 0.662 against 0.752 on 4 pairs a step)
             "--npo.sigma0", "0.01"]
     ropo = ["ropo", "--data", pairs, "--output", out + "/ropo", "--rounds", "2", "--samples", "2",
+            "--no-filter-misranked-only", "--refill-rule", "best-worst",  # exactly ρN discarded, ρN refilled
             "--max-new-tokens", "6", "--training.max-length", "64",
             "--training.max-steps", "5"]  # full steps only: round 1 trains on 23 pairs, 4 per step
     assert main(dnpo + common) == 0

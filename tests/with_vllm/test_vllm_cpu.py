@@ -140,6 +140,7 @@ def test_ropo_refills_with_vllm(trained_tiny, tmp_path):
     out = tmp_path / "ropo"
     assert main(["ropo", "--model", trained_tiny, "--data", data, "--output", str(out), "--rounds", "2",
                  "--samples", "2", "--max-new-tokens", "6", "--no-progress", "--generation.backend", "vllm",
+                 "--no-filter-misranked-only", "--refill-rule", "best-worst",  # refills on every discarded prompt
                  "--training.max-steps", "2", "--training.batch-size", "8", "--training.report-to", "none",
                  "--training.max-length", "32", "--task", "addition", "--eval-limit", "8",
                  "--eval-max-new-tokens", "6"]) == 0
