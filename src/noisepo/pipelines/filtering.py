@@ -17,6 +17,11 @@ def kept_count(total: int, rho: float) -> int:
     return min(total, max(1 if total else 0, round((1 - rho) * total)))
 
 
+def is_misranked(margin: float) -> bool:
+    """The model prefers the response labelled rejected (h < 0), or cannot score the pair (NaN)."""
+    return math.isnan(margin) or margin < 0
+
+
 def select_kept(losses: list[float], rho: float, margins: list[float] | None = None) -> list[bool]:
     """keep[i] is True for the (1−ρ)N lowest losses; ties break by index (deterministic).
 
@@ -30,7 +35,7 @@ def select_kept(losses: list[float], rho: float, margins: list[float] | None = N
         keep[i] = True
     if margins is not None:
         for i, h in enumerate(margins):
-            if not (math.isnan(h) or h < 0):
+            if not is_misranked(h):
                 keep[i] = True
     return keep
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from noisepo import distributed
 from noisepo.errors import NoisepoError
 from noisepo.io import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
-from noisepo.pipelines.filtering import best_worst_pair, filter_quality, select_kept
+from noisepo.pipelines.filtering import best_worst_pair, filter_quality, is_misranked, select_kept
 from noisepo.pipelines.ropo_config import ROPOConfig
 from noisepo.pipelines.stages import RunFolder
 
@@ -348,7 +348,8 @@ class ROPORun:
         return {"pairs": len(rows), "mean_loss": sum(finite) / len(finite) if finite else None}
 
     def filter(self, r: int) -> dict:
-        """Keep the (1−ρ)N lowest ℓ_ropo (all pairs without filtering); precision/recall and the loss
+        """Keep the (1−ρ)N lowest ℓ_ropo, and with filter_misranked_only every pair the model ranks the
+        labelled way round (all pairs without filtering); precision/recall and the loss
         histograms when the data says which labels were flipped."""
         originals = self.originals()
         scores = read_jsonl(self.path(r, "scores.jsonl"))
@@ -368,7 +369,7 @@ class ROPORun:
         png = plot_loss_histogram(distribution, self.path(r, "loss_histogram.png"), title=f"round {r}")
         write_json_atomic(self.path(r, "loss_histogram.json"), {**distribution, "png": png})
         summary = {"kept": sum(kept), "discarded": len(kept) - sum(kept), "filtering": self.config.filtering,
-                   "misranked": sum(1 for row in scores if math.isnan(row["margin"]) or row["margin"] < 0),
+                   "misranked": sum(1 for row in scores if is_misranked(row["margin"])),
                    "auroc_flipped": distribution["auroc_flipped"],
                    "mean_loss": {k: v["mean"] for k, v in distribution["stats"].items()}}
         if flipped is not None:
