@@ -11,7 +11,6 @@ from noisepo.config import option
 from noisepo.generation.config import BackendOptions
 from noisepo.training.config import LossName, OptimOptions, check, warn_small_alpha
 
-
 # ℓ_ropo's gradient weight c(α)·p·(1+α(1−p)) is ~2x DPO's at h = 0 and ~3.7x for confident pairs (α = 14), so
 # ROPO wants a smaller rate: 1e-5 was its best on clean validation (addition; 3e-5 on reversal), where 1e-4, the
 # shared OptimOptions default, sent a new user's model to 0 % (issue 23; experiments/LOG.md 2026-12-07).
