@@ -445,7 +445,9 @@ DNPO_METRICS = [("accuracy", "accuracy", ".3f"), ("win_rate", "win rate", ".3f")
                 ("filter_precision", "filter precision (robust arm)", ".3f"),
                 ("filter_recall", "filter recall (robust arm)", ".3f")]
 ROPO_METRICS = [("accuracy", "accuracy", ".3f"), ("filter_precision", "filter precision", ".3f"),
-                ("filter_recall", "filter recall", ".3f"), ("auroc_flipped", "AUROC (flipped vs clean)", ".3f")]
+                ("filter_recall", "filter recall", ".3f"),
+                ("harmful_flip_recall", "recall of harmful flips (the initial model agrees)", ".3f"),
+                ("auroc_flipped", "AUROC (flipped vs clean)", ".3f")]
 
 
 def _initial(run: Run, key: str):
@@ -485,8 +487,8 @@ def _group_section(group, runs: list[Run]) -> list[str]:
 
 def results_record(run: Run) -> dict:
     """One run's numbers for results.json: what the tables are made of, per step, in plain JSON."""
-    keys = ("accuracy", "filter_precision", "filter_recall", "auroc_flipped", "flipped", "trainable_pairs",
-            "kept", "discarded", "refills", "sigma_mean")
+    keys = ("accuracy", "filter_precision", "filter_recall", "harmful_flip_recall", "auroc_flipped", "flipped",
+            "trainable_pairs", "kept", "discarded", "refills", "sigma_mean")
     return {"run": run.name, "loop": run.kind, "method": run.method, "noise_rate": run.noise_rate,
             "seeds": run.seeds, "complete": run.complete,
             "initial_accuracy": (run.summary or {}).get("initial_accuracy"),

@@ -175,6 +175,7 @@ def test_ropo_loss_of_a_margin_matches_the_loss_function():
 
 @pytest.mark.parametrize("argv, key", [(["--refill-rule", "nearest"], "refill"), (["--rho", "0"], "rho"),
                                        (["--rho", "1.5"], "rho"), (["--samples", "1"], "samples"),
+                                       (["--filter-reference-weight", "1.5"], "filter_reference_weight"),
                                        (["--refill-rule", "replace-rejected", "--samples", "0"], "samples")])
 def test_bad_refill_options_exit_2_naming_the_option(micro_model_dir, tmp_path, capsys, argv, key):
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8))
@@ -202,11 +203,11 @@ def test_ropo_help_says_what_each_refill_rule_does(capsys):
 @pytest.fixture(scope="module")
 def ropo_run(micro_model_dir, tmp_path_factory):
     """One 2-round ROPO run (ρ = 0.25) on the rule data, shared by the tests below: the paper's filter (exactly
-    ρN discarded) and the best-worst refill, which these tests describe (the defaults are checked elsewhere)."""
+    ρN discarded, ranked by ℓ_ropo's own margin, γ = 1) and the best-worst refill, which these tests describe (the defaults are checked elsewhere)."""
     folder = tmp_path_factory.mktemp("ropo")
     data = write_jsonl(folder / "pairs.jsonl", rule_pairs())
     assert ropo_cli(micro_model_dir, data, folder / "out", "--rounds", "2", "--rho", "0.25",
-                    "--no-filter-misranked-only", "--refill-rule", "best-worst") == 0
+                    "--no-filter-misranked-only", "--filter-reference-weight", "1", "--refill-rule", "best-worst") == 0
     return folder / "out"
 
 
@@ -282,7 +283,8 @@ def test_a_pair_dropped_in_one_round_can_return(micro_model_dir, tmp_path, monke
     rows = rule_pairs(16, flip_rate=0.0)
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert ropo_cli(micro_model_dir, data, tmp_path / "out", "--rounds", "2", "--rho", "0.25",
-                    "--samples", "0", "--refill-rule", "best-worst", "--no-filter-misranked-only") == 0
+                    "--samples", "0", "--refill-rule", "best-worst", "--no-filter-misranked-only",
+                    "--filter-reference-weight", "1") == 0  # the filter ranks by the (patched) ℓ_ropo
     first, second = (read_jsonl(tmp_path / "out" / f"round_{r}" / "pairs.jsonl") for r in (0, 1))
     assert not first[0]["kept"] and second[0]["kept"]
     refills = read_jsonl(tmp_path / "out" / "round_0" / "refills.jsonl")
@@ -436,8 +438,54 @@ def test_misranked_only_filter_acts_in_the_loop(micro_model_dir, tmp_path):
                     "--filter-misranked-only", "--no-refill") == 0
     rows = read_jsonl(tmp_path / "out" / "round_0" / "pairs.jsonl")
     summary = json.loads((tmp_path / "out" / "round_0" / ".filter.done").read_text())
-    assert all(row["margin"] < 0 for row in rows if not row["kept"])
+    assert all(row["filter_margin"] < 0 for row in rows if not row["kept"])
     assert summary["discarded"] == min(summary["misranked"], 16 - kept_count(16, 0.5))
+
+
+def test_filter_margin_by_hand():
+    """h_γ = β[(log π(y_w) − log π(y_l)) − γ(log π_ref(y_w) − log π_ref(y_l))] = γ·h + (1−γ)·β·log π(y_w)/π(y_l).
+    Policy (−1, −3), reference (−2, −1), β = 0.1: h = 0.1·(2 − (−1)) = 0.3; the likelihood term 0.1·2 = 0.2."""
+    from noisepo.pipelines.filtering import filter_margin
+
+    for gamma, expected in ((1.0, 0.3), (0.0, 0.2), (0.5, 0.25), (0.8, 0.28)):
+        assert filter_margin(-1.0, -3.0, -2.0, -1.0, beta=0.1, reference_weight=gamma) == pytest.approx(expected)
+        assert expected == pytest.approx(gamma * 0.3 + (1 - gamma) * 0.2)
+
+
+def test_filter_reference_weight_changes_what_the_loop_discards(micro_model_dir, tmp_path):
+    """The knob acts: with γ = 1 the filter ranks by ℓ_ropo's own margin (filter_margin = margin); with γ = 0 by the
+    model's likelihood preference, and a different set of pairs is discarded from the same scores."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(16))
+    runs = {}
+    for gamma in ("1", "0"):
+        out = tmp_path / f"g{gamma}"
+        assert ropo_cli(micro_model_dir, data, out, "--rounds", "1", "--rho", "0.25", "--no-filter-misranked-only",
+                        "--filter-reference-weight", gamma, "--no-refill") == 0
+        runs[gamma] = read_jsonl(out / "round_0" / "pairs.jsonl")
+        scores = read_jsonl(out / "round_0" / "scores.jsonl")
+        for row, score in zip(runs[gamma], scores, strict=True):
+            likelihood = 0.5 * (score["policy_chosen_logps"] - score["policy_rejected_logps"])  # FAST: β = 0.5
+            expected = score["margin"] if gamma == "1" else likelihood
+            assert row["filter_margin"] == pytest.approx(expected, abs=1e-9)
+        discarded = [row["filter_loss"] for row in runs[gamma] if not row["kept"]]
+        assert min(discarded) >= max(row["filter_loss"] for row in runs[gamma] if row["kept"])
+    # the same model scored both (same seed, same data): only the filter's statistic, and so its order, differs
+    assert [r["margin"] for r in runs["1"]] == pytest.approx([r["margin"] for r in runs["0"]])
+    order = {g: sorted(range(16), key=lambda i, g=g: runs[g][i]["filter_loss"]) for g in runs}
+    assert order["1"] != order["0"]
+
+
+def test_filter_quality_counts_the_harmful_flips():
+    """Harmful flips = flipped pairs the initial model agrees with; recall of those among the discarded."""
+    from noisepo.pipelines.filtering import filter_quality
+
+    kept = [True, False, False, True, True]
+    flipped = [True, True, False, True, False]
+    agrees = [True, False, True, True, False]  # flips 0 and 3 are harmful, both kept; flip 1 (caught) is not
+    quality = filter_quality(kept, flipped, agrees)
+    assert quality["filter_precision"] == 0.5 and quality["filter_recall"] == pytest.approx(1 / 3)
+    assert (quality["harmful_flipped"], quality["discarded_harmful_flipped"], quality["harmful_flip_recall"]) == (2, 0, 0.0)
+    assert "harmful_flip_recall" not in filter_quality(kept, flipped)
 
 
 def test_ropo_defaults_are_the_validated_ones_and_help_shows_them(capsys):
@@ -447,6 +495,7 @@ def test_ropo_defaults_are_the_validated_ones_and_help_shows_them(capsys):
 
     config = ROPOConfig(model="m", data="d", output="o")
     assert (config.filter_misranked_only, config.refill, config.refill_rule) == (True, True, "replace-rejected")
+    assert config.filter_reference_weight == 1.0
     assert config.training.learning_rate == DEFAULT_ROPO_LEARNING_RATE == 1e-5
     with pytest.raises(SystemExit):
         main(["ropo", "--help"])

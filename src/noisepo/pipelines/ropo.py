@@ -29,7 +29,13 @@ from pathlib import Path
 from noisepo import distributed
 from noisepo.errors import NoisepoError
 from noisepo.io import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
-from noisepo.pipelines.filtering import best_worst_pair, filter_quality, is_misranked, select_kept
+from noisepo.pipelines.filtering import (
+    best_worst_pair,
+    filter_margin,
+    filter_quality,
+    is_misranked,
+    select_kept,
+)
 from noisepo.pipelines.ropo_config import ROPOConfig
 from noisepo.pipelines.stages import RunFolder
 
@@ -338,10 +344,19 @@ class ROPORun:
         model, tokenizer = self.models.get(self.model_of(r))
         policy = pair_logps(model, tokenizer, originals, max_length=self.config.training.max_length,
                             batch_size=self.config.score_batch_size, progress=self.config.progress, shard=True)
-        losses, margins = ropo_scores(policy, originals, beta=self.config.beta, alpha=self.config.alpha)
-        rows = [{"index": i, "loss": loss, "margin": h, "policy_chosen_logps": p["chosen"],
-                 "policy_rejected_logps": p["rejected"]}
-                for i, (loss, h, p) in enumerate(zip(losses, margins, policy))]
+        c = self.config
+        losses, margins = ropo_scores(policy, originals, beta=c.beta, alpha=c.alpha)
+        rows = []
+        for i, (loss, h, p, record) in enumerate(zip(losses, margins, policy, originals)):
+            if c.filter_reference_weight == 1:  # the paper's filter: ℓ_ropo itself
+                h_filter, filter_loss = h, loss
+            else:
+                h_filter = filter_margin(p["chosen"], p["rejected"], record["reference_chosen_logps"],
+                                         record["reference_rejected_logps"], beta=c.beta,
+                                         reference_weight=c.filter_reference_weight)
+                filter_loss = ropo_loss_of_margin(h_filter, c.alpha) if math.isfinite(h_filter) else math.nan
+            rows.append({"index": i, "loss": loss, "margin": h, "filter_margin": h_filter, "filter_loss": filter_loss,
+                         "policy_chosen_logps": p["chosen"], "policy_rejected_logps": p["rejected"]})
         if distributed.is_main():
             write_jsonl_atomic(self.path(r, "scores.jsonl"), rows)
         finite = [x for x in losses if math.isfinite(x)]
@@ -353,14 +368,17 @@ class ROPORun:
         histograms when the data says which labels were flipped."""
         originals = self.originals()
         scores = read_jsonl(self.path(r, "scores.jsonl"))
-        losses = [row["loss"] for row in scores]
-        margins = [row["margin"] for row in scores] if self.config.filter_misranked_only else None
+        # The filter's statistic (h_γ and its ℓ_ropo); runs scored before filter_reference_weight had γ = 1.
+        losses = [row.get("filter_loss", row["loss"]) for row in scores]
+        filter_margins = [row.get("filter_margin", row["margin"]) for row in scores]
+        margins = filter_margins if self.config.filter_misranked_only else None
         kept = select_kept(losses, self.config.rho, margins) if self.config.filtering else [True] * len(losses)
         flipped = _flipped(originals)
         rows = []
-        for record, row, keep in zip(originals, scores, kept, strict=True):
+        for record, row, loss, h, keep in zip(originals, scores, losses, filter_margins, kept, strict=True):
             out = {"index": row["index"], **({"id": record["id"]} if "id" in record else {}),
-                   "loss": row["loss"], "margin": row["margin"], "kept": keep, "weight": 1.0 if keep else 0.0}
+                   "loss": row["loss"], "margin": row["margin"], "filter_loss": loss, "filter_margin": h,
+                   "kept": keep, "weight": 1.0 if keep else 0.0}
             if flipped is not None:
                 out["label_flipped"] = bool(record["label_flipped"])
             rows.append(out)
@@ -369,11 +387,12 @@ class ROPORun:
         png = plot_loss_histogram(distribution, self.path(r, "loss_histogram.png"), title=f"round {r}")
         write_json_atomic(self.path(r, "loss_histogram.json"), {**distribution, "png": png})
         summary = {"kept": sum(kept), "discarded": len(kept) - sum(kept), "filtering": self.config.filtering,
-                   "misranked": sum(1 for row in scores if is_misranked(row["margin"])),
+                   "misranked": sum(1 for h in filter_margins if is_misranked(h)),
                    "auroc_flipped": distribution["auroc_flipped"],
                    "mean_loss": {k: v["mean"] for k, v in distribution["stats"].items()}}
         if flipped is not None:
-            summary.update(filter_quality(kept, flipped))
+            agrees = [r["reference_chosen_logps"] > r["reference_rejected_logps"] for r in originals]
+            summary.update(filter_quality(kept, flipped, agrees))
         return summary
 
     def refill_skipped(self, r: int) -> str | None:
@@ -462,6 +481,7 @@ class ROPORun:
             "refills": stages["refill"].get("refills"),
             "filter_precision": stages["filter"].get("filter_precision"),
             "filter_recall": stages["filter"].get("filter_recall"),
+            "harmful_flip_recall": stages["filter"].get("harmful_flip_recall"),
             "auroc_flipped": stages["filter"].get("auroc_flipped"),
             "accuracy": stages["evaluate"].get("accuracy"),
             "seconds": round(sum(v.get("seconds", 0.0) for v in stages.values()), 2),
@@ -491,8 +511,8 @@ class ROPORun:
             stage(folder, "metrics").run(lambda r=r: self.metrics(r), collective=False)
             rounds.append(json.loads(self.path(r, "metrics.json").read_text(encoding="utf-8")))
         summary = {"rounds": [{k: m[k] for k in ("round", "trained_pairs", "kept", "discarded", "refills",
-                                                 "filter_precision", "filter_recall", "auroc_flipped", "accuracy",
-                                                 "seconds")}
+                                                 "filter_precision", "filter_recall", "harmful_flip_recall",
+                                                 "auroc_flipped", "accuracy", "seconds")}
                               for m in rounds],
                    "initial_accuracy": (initial_eval or {}).get("accuracy"),
                    "model": self.model_of(self.config.rounds - 1)}

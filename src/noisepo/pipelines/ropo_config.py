@@ -45,6 +45,13 @@ class ROPOConfig:
               "whatever the model thinks, which on clean pairs throws away the hardest correct ones and then "
               "over-trains on the easy rest (measured: −23 / −7 points on clean validation; experiments/LOG.md "
               "2026-12-07).")
+    filter_reference_weight: float = option(
+        1.0, "γ in [0, 1]: how much of the reference's preference the filter's score subtracts. It ranks pairs by "
+             "h_γ = β[log π(y_w)/π(y_l) − γ·log π_ref(y_w)/π_ref(y_l)] = γ·(ℓ_ropo's margin) + (1−γ)·(the "
+             "model's own likelihood preference). 1 (default): the paper's filter, ℓ_ropo itself. γ < 1 catches "
+             "more flipped pairs (precision 1.00 against 0.81 at 40 % flips) but they are the flips the model "
+             "already disbelieves, and it keeps the harmful ones (those its own reference agrees with) and drops "
+             "hard clean pairs: validation accuracy fell 6 points (experiments/LOG.md 2026-12-07).")
     refill: bool = option(True, "Refill each discarded prompt by rejection sampling (METHODS §5.2); "
                                 "--no-refill: train on the kept originals only.")
     refill_rule: Literal["best-worst", "replace-rejected", "ranked"] = option(
@@ -97,6 +104,8 @@ class ROPOConfig:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(0 < self.rho < 1 or not self.filter, "rho",
               f"must be in (0, 1), got {self.rho} (--no-filter trains on every pair)")
+        check(0 <= self.filter_reference_weight <= 1, "filter_reference_weight",
+              f"must be in [0, 1], got {self.filter_reference_weight}")
         check(self.samples == 0 or self.samples >= 2, "samples",
               f"K must be >= 2 (or 0: no sampling), got {self.samples}: one sample has nothing to be compared with")
         check(self.refill_rule in ("best-worst", "replace-rejected", "ranked"), "refill_rule",
