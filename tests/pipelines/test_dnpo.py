@@ -220,7 +220,7 @@ def test_robust_arm_trains_with_ropo_on_the_pairs_its_filter_keeps(micro_model_d
     out = tmp_path / "robust"
     argv = ["dnpo", "--model", micro_model_dir, "--data", sft_data, "--output", str(out), *FAST,
             "--dsl.scorer", "verifier", "--dsl.verifier", "addition", "--dsl.verifier-error-rate", "0.3",
-            "--robust.loss", "ropo", "--robust.rho", "0.25"]
+            "--robust.loss", "ropo", "--robust.rho", "0.25", "--no-robust.filter-misranked-only"]  # exactly ρN
     assert main(argv) == 2  # NPO is defined on the DPO loss: a clear error before anything runs
     assert not out.exists()
     argv.append("--no-npo.enabled")
@@ -237,6 +237,19 @@ def test_robust_arm_trains_with_ropo_on_the_pairs_its_filter_keeps(micro_model_d
     assert not (out / "iter_1" / "probe" / "model").exists()
     metrics = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert metrics["loss"] == "ropo" and metrics["filter"]["discarded"] == len(pairs) - len(kept)
+
+
+def test_robust_filter_discards_only_misranked_pairs_by_default(micro_model_dir, sft_data, tmp_path):
+    """As in `noisepo ropo`: a pair the filter's model ranks the labelled way round (h ≥ 0) is always kept, so at
+    most ρN go; the summary counts the misranked pairs."""
+    out = tmp_path / "robust"
+    assert main(["dnpo", "--model", micro_model_dir, "--data", sft_data, "--output", str(out), *FAST,
+                 "--dsl.scorer", "verifier", "--dsl.verifier", "addition", "--dsl.verifier-error-rate", "0.3",
+                 "--robust.loss", "ropo", "--robust.rho", "0.5", "--no-npo.enabled"]) == 0
+    scored = read_jsonl(out / "iter_1" / "filter.jsonl")
+    summary = json.loads((out / "iter_1" / "train.json").read_text())["filter"]
+    assert all(row["margin"] < 0 for row in scored if not row["kept"])
+    assert summary["discarded"] == min(summary["misranked"], len(scored) - round(0.5 * len(scored)))
 
 
 @pytest.mark.parametrize("reference", ["initial", "previous"])

@@ -240,12 +240,13 @@ class DNPORun:
         """ROPO's filter on iteration k's pairs (METHODS §5.1 steps 1-3, `--robust.rho`): train on every
         pair (OUTPUT/iter_k/probe), score each pair with ℓ_ropo under that model against
         `robust.filter_reference` (default the SFT model, fixed: against policy_k the reference moved
-        with the pairs it judged), keep the (1−ρ)N lowest. With a task, a pair whose chosen response scores
+        with the pairs it judged), keep the (1−ρ)N lowest; with `robust.filter_misranked_only` (default)
+        only misranked pairs (h < 0) may go. With a task, a pair whose chosen response scores
         lower under the task's own verifier than its rejected one is counted as wrongly labelled, so the
         filter's precision and recall are known."""
         from noisepo.judges.command import prompt_text
         from noisepo.pipelines.common import load_policy, pair_logps
-        from noisepo.pipelines.filtering import filter_quality, select_kept
+        from noisepo.pipelines.filtering import filter_quality, is_misranked, select_kept
         from noisepo.pipelines.ropo import ropo_scores
 
         c = self.config
@@ -261,9 +262,10 @@ class DNPORun:
             del model
         with_reference = [{"reference_chosen_logps": s["chosen"], "reference_rejected_logps": s["rejected"]}
                           for s in scored["reference"]]
-        losses, _ = ropo_scores(scored["probe"], with_reference, beta=c.beta, alpha=c.robust.alpha)
-        kept = select_kept(losses, c.robust.rho)
+        losses, margins = ropo_scores(scored["probe"], with_reference, beta=c.beta, alpha=c.robust.alpha)
+        kept = select_kept(losses, c.robust.rho, margins if c.robust.filter_misranked_only else None)
         summary = {"pairs": len(records), "kept": sum(kept), "discarded": len(kept) - sum(kept),
+                   "misranked": sum(1 for h in margins if is_misranked(h)),
                    "filter_reference": reference,
                    "mean_loss_kept": _mean([x for x, keep in zip(losses, kept) if keep]),
                    "mean_loss_discarded": _mean([x for x, keep in zip(losses, kept) if not keep])}
@@ -278,8 +280,8 @@ class DNPORun:
             summary.update(filter_quality(kept, [wrong(r) for r in records]))
         if distributed.is_main():
             write_jsonl_atomic(probe.parent / "filter.jsonl",
-                               [{"id": r.get("id"), "ropo_loss": x, "kept": keep}
-                                for r, x, keep in zip(records, losses, kept)])
+                               [{"id": r.get("id"), "ropo_loss": x, "margin": h, "kept": keep}
+                                for r, x, h, keep in zip(records, losses, margins, kept)])
             shutil.rmtree(probe / "model", ignore_errors=True)  # the probe's weights are not needed again
         return [r for r, keep in zip(records, kept) if keep], summary
 

@@ -156,6 +156,9 @@ class RobustOptions:
                              "on every pair, scores every pair with ℓ_ropo under that model, then trains again "
                              "from the same start on the (1−ρ)N pairs of lowest ℓ_ropo (0: no filter, one "
                              "training).")
+    filter_misranked_only: bool = option(True, "Discard only pairs the filter's model ranks against their label "
+                                               "(h < 0), at most ρN (as `noisepo ropo` does by default); "
+                                               "--no-robust.filter-misranked-only: exactly ρN, the paper's rule.")
     filter_reference: str = option("initial", "The reference of the filter's ℓ_ropo scores: initial (the SFT "
                                               "model, fixed across iterations), previous (the iteration's own "
                                               "reference, policy_k: it drifts with the pairs it judges, and "
