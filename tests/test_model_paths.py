@@ -83,6 +83,15 @@ def test_an_sft_run_folder_as_model_trains_its_final_model(sft_run, data, tmp_pa
     assert (output / "model" / "config.json").exists()
 
 
+def test_a_run_folder_as_reference_model_uses_its_final_model(sft_run, micro_model_dir, data, tmp_path, capsys):
+    """`noisepo train --reference-model <output of noisepo sft>`: resolved like --model (it used to be refused)."""
+    capsys.readouterr()
+    assert main(train_argv(micro_model_dir, data, tmp_path / "train", "--reference-model", str(sft_run))) == 0
+    err = capsys.readouterr().err
+    assert f"--reference-model {sft_run} is a run folder; using the final model named by metrics.json" in err
+    assert (tmp_path / "train" / "model" / "config.json").exists()
+
+
 def test_a_train_run_folder_as_model_generates_with_its_final_model(sft_run, data, tmp_path, capsys):
     train_run = tmp_path / "train"
     assert main(train_argv(str(sft_run), data, train_run)) == 0

@@ -239,6 +239,20 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def model_of_run_folder(spec: str, *, option: str) -> str:
+    """`spec` itself, or, when it is a noisepo run folder, the final model it holds (said on stderr): for
+    options naming a second model (`--reference-model`, `--robust.filter-reference`), as `--model` does."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    final = final_model_of_run(folder)
+    if final is None:
+        return spec
+    model, note = final
+    print(f"noisepo: --{option} {spec} is a run folder; using {note}: {model}", file=sys.stderr)
+    return str(model)
+
+
 def _is_model_folder(folder: Path) -> bool:
     return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
 

@@ -50,8 +50,11 @@ def test_every_arm_of_every_spec_builds_its_config(spec_path, quick, task, tmp_p
     expected = {("a", "addition"): {3e-5}, ("b", "addition"): {1e-4, 3e-5, 1e-5},  # searched per method
                 ("b", "noisepo.tasks.reverse:ReverseTask"): {1e-4, 3e-5},
                 ("a", "noisepo.tasks.reverse:ReverseTask"): {1e-5, 3e-5}, ("c", "addition"): {1e-5},
-                ("c", "noisepo.tasks.reverse:ReverseTask"): {1e-4, 3e-5}}
-    assert rates == expected.get((spec_path.stem[0], task), {3e-5} if "reverse" in task else {3e-6})
+                ("c", "noisepo.tasks.reverse:ReverseTask"): {1e-4, 3e-5},
+                # the testbed: baselines 2e-5 and ROPO 1e-5 (five-point grid), its variants at the loop's 1e-4
+                ("b_testbed", "addition"): {1e-4, 2e-5, 1e-5}}
+    key = (spec_path.stem, task) if (spec_path.stem, task) in expected else (spec_path.stem[0], task)
+    assert rates == expected.get(key, {3e-5} if "reverse" in task else {3e-6})
     for command, options in runner.configs:
         config = from_dict(config_class(command), options)
         assert config.task == task

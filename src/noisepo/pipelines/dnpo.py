@@ -253,8 +253,10 @@ class DNPORun:
         probe = self.root / iteration_folder(k) / "probe"
         fit(records, probe)
         scored = {}
-        reference = {"initial": self.initial, "previous": self.policy(k)}.get(c.robust.filter_reference,
-                                                                           c.robust.filter_reference)
+        from noisepo.models import model_of_run_folder
+
+        reference = {"initial": self.initial, "previous": self.policy(k)}.get(c.robust.filter_reference) or \
+            model_of_run_folder(c.robust.filter_reference, option="robust.filter-reference")
         for name, model_dir in (("reference", reference), ("probe", str(probe / "model"))):
             model, tokenizer = load_policy(model_dir, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
             scored[name] = pair_logps(model.eval(), tokenizer, records, max_length=c.training.max_length,

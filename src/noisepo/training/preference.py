@@ -330,7 +330,7 @@ def run_train(config) -> int:
     from noisepo.data import load_preferences
     from noisepo.data.chat import response_text
     from noisepo.io import write_json_atomic
-    from noisepo.models import load_model, load_tokenizer, resolve_model
+    from noisepo.models import load_model, load_tokenizer, model_of_run_folder, resolve_model
 
     distributed.init()
     output = Path(config.output)
@@ -346,7 +346,8 @@ def run_train(config) -> int:
     model = load_model(model_path, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code)
     ref_model = None
     if config.reference_model:
-        ref_model = load_model(config.reference_model, dtype=config.dtype, device="cpu",
+        ref_model = load_model(model_of_run_folder(config.reference_model, option="reference-model"),
+                               dtype=config.dtype, device="cpu",
                                trust_remote_code=config.trust_remote_code)
     if config.lora:
         model = add_lora(model, config)
