@@ -10,16 +10,12 @@ reference/pairs.jsonl and round_<r>/pairs.jsonl.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 from collections import defaultdict
 from statistics import mean
 
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+from noisepo.io import read_jsonl
 
 
 def main(root: str) -> None:

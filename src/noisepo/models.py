@@ -152,11 +152,7 @@ def resolve_model(spec: str, build_dir, *, texts: Iterable[str] = (), seed: int 
                               f"download it first (`hf download {spec} --local-dir DIR`) and pass DIR",
                               key="tokenizer")
         return spec
-    if folder.is_dir():
-        final = final_model_of_run(folder)
-        if final is not None:
-            folder, note = final
-            print(f"noisepo: --model {spec} is a run folder; using {note}: {folder}", file=sys.stderr)
+    folder = run_folder_model(folder, spec=spec, option="model")
     if not folder.is_dir():
         return spec if folder == Path(spec) else str(folder)
     check_remote_code(folder, trust_remote_code)
@@ -239,18 +235,22 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def model_of_run_folder(spec: str, *, option: str) -> str:
-    """`spec` itself, or, when it is a noisepo run folder, the final model it holds (said on stderr): for
-    options naming a second model (`--reference-model`, `--robust.filter-reference`), as `--model` does."""
-    folder = Path(spec)
-    if not folder.is_dir():
-        return spec
-    final = final_model_of_run(folder)
+def run_folder_model(folder: Path, *, spec: str, option: str) -> Path:
+    """`folder`, or the final model it holds when it is a noisepo run folder (said on stderr as `--option spec`)."""
+    final = final_model_of_run(folder) if folder.is_dir() else None
     if final is None:
-        return spec
+        return folder
     model, note = final
     print(f"noisepo: --{option} {spec} is a run folder; using {note}: {model}", file=sys.stderr)
-    return str(model)
+    return model
+
+
+def model_of_run_folder(spec: str, *, option: str) -> str:
+    """`spec` itself, or the final model of the run folder it names: for options naming a second model
+    (`--reference-model`, `--robust.filter-reference`), as `resolve_model` does for `--model`."""
+    folder = Path(spec).expanduser()
+    resolved = run_folder_model(folder, spec=spec, option=option)
+    return spec if resolved == folder else str(resolved)
 
 
 def _is_model_folder(folder: Path) -> bool:

@@ -454,7 +454,7 @@ def test_filter_margin_by_hand():
 
 def test_filter_reference_weight_changes_what_the_loop_discards(micro_model_dir, tmp_path):
     """The knob acts: with γ = 1 the filter ranks by ℓ_ropo's own margin (filter_margin = margin); with γ = 0 by the
-    model's likelihood preference, and a different set of pairs is discarded from the same scores."""
+    model's likelihood preference, which ranks the same scores in a different order."""
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(16))
     runs = {}
     for gamma in ("1", "0"):

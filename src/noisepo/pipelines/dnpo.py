@@ -245,6 +245,7 @@ class DNPORun:
         lower under the task's own verifier than its rejected one is counted as wrongly labelled, so the
         filter's precision and recall are known."""
         from noisepo.judges.command import prompt_text
+        from noisepo.models import model_of_run_folder
         from noisepo.pipelines.common import load_policy, pair_logps
         from noisepo.pipelines.filtering import filter_quality, is_misranked, select_kept
         from noisepo.pipelines.ropo import ropo_scores
@@ -253,8 +254,6 @@ class DNPORun:
         probe = self.root / iteration_folder(k) / "probe"
         fit(records, probe)
         scored = {}
-        from noisepo.models import model_of_run_folder
-
         reference = {"initial": self.initial, "previous": self.policy(k)}.get(c.robust.filter_reference) or \
             model_of_run_folder(c.robust.filter_reference, option="robust.filter-reference")
         for name, model_dir in (("reference", reference), ("probe", str(probe / "model"))):

@@ -354,7 +354,7 @@ class ROPORun:
                 h_filter = filter_margin(p["chosen"], p["rejected"], record["reference_chosen_logps"],
                                          record["reference_rejected_logps"], beta=c.beta,
                                          reference_weight=c.filter_reference_weight)
-                filter_loss = ropo_loss_of_margin(h_filter, c.alpha) if math.isfinite(h_filter) else math.nan
+                filter_loss = ropo_loss_of_margin(h_filter, c.alpha)  # NaN stays NaN (discarded first)
             rows.append({"index": i, "loss": loss, "margin": h, "filter_margin": h_filter, "filter_loss": filter_loss,
                          "policy_chosen_logps": p["chosen"], "policy_rejected_logps": p["rejected"]})
         if distributed.is_main():
